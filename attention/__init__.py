@@ -1,0 +1,1 @@
+"""Plain-torch attention addressing, capture and map handling (never imports the host)."""
