@@ -1,0 +1,167 @@
+"""Where captured attention maps and features live between the patches and the nodes.
+
+The host deep-copies ``model_options`` on every clone (host notes, gotcha 3), so the store is one
+explicit object whose ``__deepcopy__`` returns itself. It serves two uses:
+
+* **recording** — during a sampling run, detached, head-averaged maps of the watched words at the
+  requested steps, kept per (step, layer, branch) and moved to a compact dtype on the offload device
+  when the run ends; a run is fingerprinted by its output latent, so a read node given the sampler's
+  LATENT finds the maps of exactly that run, and an interrupted run leaves nothing behind;
+* **live** — inside ``with store.live() as cap:``, the maps and features of one forward pass stay in
+  the autograd graph for the guidance losses (a detached copy would give zero gradient).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .maps import expand_positions
+
+
+def every_step(step: int, total: int) -> bool:
+    return True
+
+
+def parse_steps(text: str):
+    """Steps rule of a node: 'all', 'every N', or comma-separated 0-based indices/ranges ('0-9, 20')."""
+    words = text.strip().lower()
+    if words in ("", "all"):
+        return every_step
+    if words.startswith("every"):
+        n = int(words.split()[1])
+        if n < 1:
+            raise ValueError("steps: 'every N' needs N ≥ 1.")
+        return lambda step, total: step % n == 0
+    chosen = set()
+    for part in words.replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"steps: '{part}' is not understood; use 'all', 'every 5' or '0-9, 20'.")
+        chosen.update(range(int(lo), int(hi or lo) + 1))
+    return lambda step, total: step in chosen
+
+
+@dataclass
+class Run:
+    """One sampling run's recordings, keyed (step index, layer key, branch)."""
+    sigmas: list[float]
+    maps: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+    output: torch.Tensor | None = None
+
+    def step_of(self, sigma: float) -> int | None:
+        for i, s in enumerate(self.sigmas[:-1]):
+            if abs(s - sigma) <= 1e-4 * max(1.0, s):
+                return i
+        return None
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({k[0] for k in self.maps} | {k[0] for k in self.features})
+
+    def sigma(self, step: int) -> float:
+        return self.sigmas[step]
+
+
+@dataclass
+class LiveCapture:
+    """Maps ``[B, W, h, w]`` and features ``[B, h, w, C]`` of one forward pass, still in the graph."""
+    maps: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+
+
+class AttentionStore:
+    def __init__(self, words, positions, prompt_len, steps=every_step, keep_runs=4,
+                 dtype=torch.float16, offload_device="cpu"):
+        self.words = list(words)
+        self.positions = [tuple(p) for p in positions]
+        self.prompt_len = prompt_len
+        self.steps = steps
+        self.keep_runs = keep_runs
+        self.dtype = dtype
+        self.offload_device = torch.device(offload_device)
+        self.runs: list[Run] = []
+        self._run: Run | None = None
+        self._live: LiveCapture | None = None
+        self._sigma_cache = (None, None)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- run lifecycle (driven by the sampler wrapper) ------------------------------------------
+    def begin_run(self, sigmas: torch.Tensor):
+        self._run = Run([float(s) for s in sigmas.flatten()])
+        self._sigma_cache = (None, None)
+
+    def abort_run(self):
+        self._run = None
+
+    def end_run(self, output: torch.Tensor):
+        run, self._run = self._run, None
+        if run is None:
+            return
+        for table in (run.maps, run.features):
+            for key, chunks in table.items():
+                table[key] = torch.stack(chunks).mean(0).to(self.offload_device, self.dtype)
+        run.output = output.detach().float().to(self.offload_device)
+        self.runs = (self.runs + [run])[-self.keep_runs:]
+
+    @contextlib.contextmanager
+    def live(self):
+        self._live = LiveCapture()
+        try:
+            yield self._live
+        finally:
+            self._live = None
+
+    # -- called by the patches ------------------------------------------------------------------
+    @property
+    def is_live(self) -> bool:
+        return self._live is not None
+
+    def _step(self, sigmas: torch.Tensor) -> int | None:
+        # every layer of one forward sees the same sigmas tensor: read it from the device once
+        if self._sigma_cache[0] is not sigmas:
+            self._sigma_cache = (sigmas, self._run.step_of(float(sigmas.flatten()[0])))
+        return self._sigma_cache[1]
+
+    def active(self, extra_options: dict) -> bool:
+        """Whether this forward pass is to be captured at all (cheap: decides before any maths)."""
+        if self._live is not None:
+            return True
+        if self._run is None:
+            return False
+        step = self._step(extra_options["sigmas"])
+        return step is not None and self.steps(step, len(self._run.sigmas) - 1)
+
+    def columns(self, context_len: int) -> list[list[int]]:
+        return [expand_positions(p, context_len, self.prompt_len) for p in self.positions]
+
+    def put(self, table: str, layer_key, values: torch.Tensor, extra_options: dict):
+        """File one layer's maps or features of this forward pass (call only when ``active``)."""
+        if self._live is not None:
+            getattr(self._live, table)[layer_key] = values
+            return
+        step = self._step(extra_options["sigmas"])
+        branches = extra_options["cond_or_uncond"]
+        for chunk, branch in zip(values.detach().chunk(len(branches)), branches):
+            getattr(self._run, table).setdefault((step, layer_key, branch), []).append(chunk.float())
+
+    # -- reading ----------------------------------------------------------------------------------
+    def run_for(self, samples: torch.Tensor) -> Run:
+        """The recorded run whose output is ``samples`` (the sampler's LATENT), newest first."""
+        samples = samples.detach().float().to(self.offload_device)
+        for run in reversed(self.runs):
+            if run.output.shape == samples.shape and torch.allclose(run.output, samples, rtol=1e-3, atol=1e-4):
+                return run
+        if not self.runs:
+            raise LookupError(
+                "no attention maps were recorded: wire the MODEL output of AttentionCapture into the sampler "
+                "that makes this LATENT (and nothing that re-patches the same layers after it)."
+            )
+        raise LookupError(
+            "this LATENT was not made by a sampler that used this capture's MODEL (or was changed after "
+            "sampling): wire the sampler's own LATENT output into this node."
+        )

@@ -1,0 +1,156 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from comfyui_personalize.attention.capture import cross_attention_patch, feature_patch
+from comfyui_personalize.attention.layers import AttnLayer
+from comfyui_personalize.attention.maps import expand_positions
+from comfyui_personalize.attention.store import AttentionStore, parse_steps
+
+HEADS, DH, H, W, CTX = 2, 8, 4, 6, 10
+LAYER = AttnLayer("output", 7, 0, "cross", 2, 11, HEADS * DH, HEADS, DH)
+SIGMAS = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+
+
+def sdpa(q, k, v, heads, attn_precision=None, transformer_options=None):
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).flatten(2)
+
+
+def reference_maps(q, k, columns):
+    """Slow Â: per item, per head, softmax by exp/sum in float64, word columns summed, heads averaged."""
+    out = torch.zeros(q.shape[0], len(columns), H * W, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(HEADS):
+            qh, kh = q[b, :, h * DH:(h + 1) * DH].double(), k[b, :, h * DH:(h + 1) * DH].double()
+            logits = qh @ kh.T / math.sqrt(DH)
+            p = logits.exp() / logits.exp().sum(-1, keepdim=True)
+            for w, cols in enumerate(columns):
+                out[b, w] += p[:, cols].sum(-1) / HEADS
+    lo, hi = out.amin(-1, keepdim=True), out.amax(-1, keepdim=True)
+    return ((out - lo) / (hi - lo)).reshape(q.shape[0], len(columns), H, W)
+
+
+def options(sigma, cond_or_uncond=(1, 0)):
+    return {"sigmas": torch.full((2,), sigma), "cond_or_uncond": list(cond_or_uncond), "n_heads": HEADS,
+            "attn_precision": None, "activations_shape": [2, HEADS * DH, H, W], "block": ("output", 7), "block_index": 0}
+
+
+def qkv(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, n, HEADS * DH, generator=g) for n in (H * W, CTX, CTX)]
+
+
+def make_store(**kw):
+    return AttentionStore(["dog", "hat"], [(2,), (4, 5)], prompt_len=CTX, **kw)
+
+
+def test_recording_keeps_the_output_and_matches_the_reference_per_branch_and_item():
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(4)                       # 2 chunks (uncond, cond) of 2 items each
+    store.begin_run(SIGMAS)
+    out = patch(q, k, v, options(7.0))
+    assert torch.equal(out, sdpa(q, k, v, HEADS))
+    store.end_run(torch.ones(2, 4, 8, 8))
+    run = store.runs[-1]
+    ref = reference_maps(q, k, [[2], [4, 5]])
+    assert run.steps == [1] and run.sigma(1) == pytest.approx(7.0)
+    torch.testing.assert_close(run.maps[(1, LAYER.key, 1)].float(), ref[:2].float(), atol=2e-3, rtol=0)  # fp16 store
+    torch.testing.assert_close(run.maps[(1, LAYER.key, 0)].float(), ref[2:].float(), atol=2e-3, rtol=0)
+    assert run.maps[(1, LAYER.key, 0)].dtype == torch.float16
+
+
+def test_separate_cond_and_uncond_calls_land_in_their_branches():
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    (qc, kc, vc), (qu, ku, vu) = qkv(1, 1), qkv(1, 2)
+    store.begin_run(SIGMAS)
+    patch(qc, kc, vc, options(3.0, (0,)))
+    patch(qu, ku, vu, options(3.0, (1,)))
+    store.end_run(torch.zeros(1))
+    run = store.runs[-1]
+    torch.testing.assert_close(run.maps[(2, LAYER.key, 0)].float(), reference_maps(qc, kc, [[2], [4, 5]]).float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(run.maps[(2, LAYER.key, 1)].float(), reference_maps(qu, ku, [[2], [4, 5]]).float(), atol=2e-3, rtol=0)
+
+
+def test_live_maps_carry_gradient_equal_to_the_reference():
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(2)
+    q.requires_grad_(True)
+    with store.live() as cap:
+        out = patch(q, k, v, options(7.0))
+    torch.testing.assert_close(out, sdpa(q, k, v, HEADS), atol=1e-5, rtol=1e-5)
+    weights = torch.randn(2, 2, H, W, dtype=torch.float64)
+    g, = torch.autograd.grad((cap.maps[LAYER.key].double() * weights).sum(), q)
+    q_ref = q.detach().double().requires_grad_(True)
+    g_ref, = torch.autograd.grad((reference_maps(q_ref, k, [[2], [4, 5]]) * weights).sum(), q_ref)
+    assert g.abs().max() > 1e-3
+    torch.testing.assert_close(g.double(), g_ref, atol=1e-5, rtol=1e-4)
+    assert store.runs == [] and not store.is_live
+
+
+def test_previous_replace_is_chained_not_clobbered():
+    calls = []
+    def previous(q, k, v, extra):
+        calls.append(extra["block"])
+        return torch.zeros_like(q)
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa, previous)
+    q, k, v = qkv(2)
+    store.begin_run(SIGMAS)
+    assert torch.equal(patch(q, k, v, options(7.0)), torch.zeros_like(q))
+    store.abort_run()
+    assert patch(q, k, v, options(7.0)).abs().sum() == 0 and len(calls) == 2
+
+
+def test_steps_rule_sigma_matching_and_denoise_schedules():
+    store = make_store(steps=parse_steps("0, 2-3"))
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(2)
+    store.begin_run(SIGMAS[2:])            # a denoise < 1 run: the schedule starts at σ = 3
+    for sigma in (3.0, 1.0, 5.5):          # 5.5 is not in the schedule: ignored
+        patch(q, k, v, options(sigma))
+    store.end_run(torch.zeros(1))
+    assert store.runs[-1].steps == [0] and store.runs[-1].sigma(0) == 3.0
+
+
+def test_runs_are_fingerprinted_bounded_and_interrupted_runs_leave_nothing():
+    store = make_store(keep_runs=2)
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(2)
+    for i in range(3):
+        store.begin_run(SIGMAS)
+        patch(q, k, v, options(7.0))
+        store.end_run(torch.full((1, 4, 2, 2), float(i)))
+    store.begin_run(SIGMAS)
+    patch(q, k, v, options(7.0))
+    store.abort_run()                       # an interrupted run
+    assert len(store.runs) == 2
+    assert store.run_for(torch.full((1, 4, 2, 2), 2.0)) is store.runs[-1]
+    assert store.run_for(torch.full((1, 4, 2, 2), 1.0)) is store.runs[0]
+    with pytest.raises(LookupError, match="not made by a sampler that used this capture"):
+        store.run_for(torch.full((1, 4, 2, 2), 0.0))
+    assert copy.deepcopy({"s": store})["s"] is store
+
+
+def test_features_are_recorded_only_on_chosen_layers():
+    store = make_store()
+    patch = feature_patch([LAYER], store)
+    n = torch.randn(4, H * W, 16)
+    with store.live() as cap:
+        out = patch(n, "ctx", "val", options(7.0))
+        patch(n, None, None, {**options(7.0), "block": ("output", 8)})
+    assert out[0] is n and out[1:] == ("ctx", "val")
+    assert list(cap.features) == [LAYER.key]
+    assert torch.equal(cap.features[LAYER.key], n.reshape(4, H, W, 16))
+
+
+def test_context_repetition_and_mismatch():
+    assert expand_positions((2, 5), 154, 77) == [2, 5, 79, 82]
+    with pytest.raises(ValueError, match="same prompt text"):
+        expand_positions((80,), 77, 154)
