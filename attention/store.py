@@ -73,9 +73,10 @@ class LiveCapture:
 
 
 class AttentionStore:
-    def __init__(self, words, positions, prompt_len, steps=every_step, keep_runs=4,
+    def __init__(self, words, positions, prompt_len, layers=(), steps=every_step, keep_runs=4,
                  dtype=torch.float16, offload_device="cpu"):
         self.words = list(words)
+        self.layers = list(layers)
         self.positions = [tuple(p) for p in positions]
         self.prompt_len = prompt_len
         self.steps = steps

@@ -1,0 +1,68 @@
+"""AttentionCapture overhead: plain sampling vs sampling with every cross-attention layer captured for one word.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_capture.py [--size tiny|sd15] [--device cpu|cuda]
+
+Prints the median wall time of each, their ratio (goal ≤ 1.3×), the recorded bytes, and peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import interleaved, load, sd15_unet
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--res", type=int, default=None, help="image side in pixels (default 128 tiny, 512 sd15)")
+    args = ap.parse_args()
+    load(args.device)
+
+    import torch
+    import comfy.sample
+    from comfyui_personalize.attention.layers import select_layers
+    from comfyui_personalize.attention.store import AttentionStore
+    from comfyui_personalize.nodes import host
+
+    if args.size == "tiny":
+        import tiny_models
+        model, clip, _ = tiny_models.tiny_sd1()
+        context = tiny_models.encode_text(clip, "a photo of a dog")[0]
+        uncontext = tiny_models.encode_text(clip, "")[0]
+    else:
+        model = sd15_unet(args.device)
+        context, uncontext = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
+    side = (args.res or (128 if args.size == "tiny" else 512)) // 8
+    layers = select_layers(host.unet_layers(model), "cross", kind="cross")
+    store = AttentionStore(["dog"], [(5,)], 77, layers, offload_device=torch.device("cpu"))
+    captured = host.install_capture(model, store, layers, [])
+    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros_like(noise)
+    pos, neg = [[context, {}]], [[uncontext, {}]]
+
+    def sample(m):
+        with torch.inference_mode():
+            out = comfy.sample.sample(m, noise, args.steps, 7.5, "euler", "normal", pos, neg, latent, seed=0,
+                                      disable_pbar=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    sample(model), sample(captured)                       # warm-up: load weights, pick kernels
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = interleaved({"plain": lambda: sample(model), "capture": lambda: sample(captured)}, args.repeats)
+    run = store.runs[-1]
+    recorded = sum(v.numel() * v.element_size() for v in run.maps.values())
+    print(f"size={args.size} device={args.device} res={side * 8}px steps={args.steps} cfg=7.5 layers={len(layers)} words=1")
+    print(f"plain   {t['plain']:.3f} s   capture {t['capture']:.3f} s   ratio {t['capture'] / t['plain']:.2f}x (goal <= 1.3x)")
+    print(f"recorded maps: {recorded / 1e6:.2f} MB for {len(run.steps)} steps x {len(layers)} layers x 2 branches")
+    if args.device == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

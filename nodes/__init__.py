@@ -1,0 +1,9 @@
+"""The only part of the pack that talks to the host: thin V3 nodes over ``attention/`` and ``guidance/``."""
+from comfy_api.latest import ComfyExtension
+
+from .capture import NODES as CAPTURE_NODES
+
+
+class PersonalizeExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [*CAPTURE_NODES]

@@ -1,0 +1,107 @@
+"""AttentionCapture (P&D §3.1, L&R's cross-attention mask) and AttentionMaps, the node that reads it."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention.layers import RULE_HELP, select_layers
+from ..attention.preview import attention_mask, map_grid, mean_map
+from ..attention.store import AttentionStore, parse_steps
+from ..attention.tokens import parse_words
+from . import host
+
+AttnStore = io.Custom("ATTN_STORE")
+CATEGORY = "personalize/attention"
+PIXELS_PER_LATENT = 8   # SD1.x / SD2.x / SDXL VAEs
+
+
+class AttentionCapture(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttentionCapture",
+            display_name="Attention Capture",
+            category=CATEGORY,
+            description="Records the cross-attention maps of chosen prompt words while the sampler runs "
+                        "(Pick-and-Draw §3.1). Wire its MODEL into the sampler and its store, with the sampler's "
+                        "LATENT, into Attention Maps. The image is unchanged by capturing.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to watch; a patched copy is returned, this one is not changed."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt (it locates the words' tokens)."),
+                io.String.Input("prompt", multiline=True, default="a photo of a dog",
+                                tooltip="The positive prompt exactly as encoded for the sampler."),
+                io.String.Input("words", default="dog",
+                                tooltip="Words of the prompt to watch, comma-separated; a phrase ('teddy bear') or "
+                                        "'embedding:name' counts as one word. Multi-token words sum their tokens."),
+                io.String.Input("layers", default="cross",
+                                tooltip="Which cross-attention layers to record. " + RULE_HELP),
+                io.String.Input("steps", default="all",
+                                tooltip="Which sampling steps to record: 'all', 'every 5', or 0-based indices '0-9, 20' "
+                                        "of the sampler's schedule (with denoise < 1, of the shortened schedule)."),
+                io.String.Input("features", default="", optional=True,
+                                tooltip="Optional layer rule for the dense features Ψ (the normalised hidden state "
+                                        "entering cross-attention); empty records none. Example: 'decoder 1/2'."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with capture patches; use it to sample."),
+                AttnStore.Output(display_name="store", tooltip="Filled while the sampler runs; read it with Attention Maps."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, words, layers, steps, features="") -> io.NodeOutput:
+        all_layers = host.unet_layers(model)
+        chosen = select_layers(all_layers, layers, kind="cross")
+        feature_layers = select_layers(all_layers, features, kind="cross") if features.strip() else []
+        queries = parse_words(words)
+        positions, prompt_len = host.prompt_word_positions(clip, prompt, queries)
+        store = AttentionStore(queries, positions, prompt_len, chosen, parse_steps(steps),
+                               offload_device=host.offload_device(model))
+        return io.NodeOutput(host.install_capture(model, store, chosen, feature_layers), store)
+
+
+class AttentionMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttentionMaps",
+            display_name="Attention Maps",
+            category=CATEGORY,
+            description="Shows the maps an Attention Capture recorded during the sampling run that made this LATENT "
+                        "(rows: layers grouped by encoder/middle/decoder and resolution; columns: steps), and "
+                        "averages chosen layers into a MASK (Layout-and-Retouch's cross-attention mask M^c).",
+            inputs=[
+                AttnStore.Input("store", tooltip="From Attention Capture."),
+                io.Latent.Input("latent", tooltip="The sampler's output LATENT: it picks that run's maps and makes this "
+                                                  "node run after sampling."),
+                io.Combo.Input("branch", options=["cond", "uncond"], default="cond",
+                               tooltip="Maps of the conditional (positive) or unconditional pass."),
+                io.String.Input("mask_layers", default="decoder",
+                                tooltip="Layers averaged into the mask (decoder maps align best, P&D §3.1). " + RULE_HELP),
+                io.Float.Input("mask_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Threshold on the averaged, re-normalised map; 0 gives the soft map. "
+                                       "Untuned starting point (no paper fixes it; MasaCtrl uses 0.1 on 16×16 maps)."),
+                io.Int.Input("cell", default=64, min=8, max=256, tooltip="Pixel size of one map in the grid."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid", tooltip="One grid per item and word."),
+                io.Mask.Output(display_name="mask", tooltip="Union over the words, at image resolution."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, store, latent, branch, mask_layers, mask_threshold, cell) -> io.NodeOutput:
+        samples = latent["samples"]
+        run = store.run_for(samples)
+        which = 0 if branch == "cond" else 1
+        grids = [map_grid(run, store.layers, run.steps, w, b, which, cell)
+                 for b in range(samples.shape[0]) for w in range(len(store.words))]
+        layers = select_layers(store.layers, mask_layers, kind="cross")
+        size = (samples.shape[-2] * PIXELS_PER_LATENT, samples.shape[-1] * PIXELS_PER_LATENT)
+        mask = attention_mask(mean_map(run, layers, run.steps, size, which), mask_threshold)
+        grid = torch.stack(grids)
+        return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))
+
+
+NODES = [AttentionCapture, AttentionMaps]
