@@ -44,3 +44,12 @@ def tiny(host):
     import tiny_models
 
     return tiny_models
+
+
+@pytest.fixture(scope="session")
+def pack(host):
+    """The pack as the host imported it (it names a package module after its path): ``pack("nodes.sampling")``."""
+    import importlib
+
+    root = str(host.pack_path).replace(".", "_x_")
+    return lambda name=None: importlib.import_module(f"{root}.{name}" if name else root)

@@ -17,10 +17,9 @@ def sd1(host):
 
 
 @pytest.fixture(scope="module")
-def pack(host):
-    """The pack as the host imported it (the host names a package module after its path)."""
-    import sys
-    return sys.modules[str(host.pack_path).replace(".", "_x_")]
+def pack(pack):
+    pack("nodes.capture")
+    return pack()
 
 
 def encode(clip, text):
@@ -70,6 +69,11 @@ def test_word_positions_follow_the_host_tokenizer(host, sd1, pack):
     assert [flat[p][0] for p in positions[0]] == [vocab["dog</w>"]]
     assert len(positions[1]) == 2 and all(isinstance(flat[p][0], torch.Tensor) for p in positions[1])
     assert [flat[p][0] for p in positions[2]] == [vocab["on</w>"], vocab["the</w>"]]
+    # a word CLIP splits into several BPE pieces is found whole
+    (pieces,), _ = pack.nodes.host.prompt_word_positions(clip, "a photo of a corgisaurus", ["corgisaurus"])
+    flat = [t for chunk in clip.tokenize("a photo of a corgisaurus")["l"] for t in chunk]
+    inv = {v: k for k, v in vocab.items()}
+    assert len(pieces) >= 2 and "".join(inv[flat[p][0]] for p in pieces) == "corgisaurus</w>"
     with pytest.raises(ValueError, match="'cat' is not a word of the prompt.*sks, dog"):
         pack.nodes.host.prompt_word_positions(clip, prompt, ["cat"])
 
