@@ -1,11 +1,19 @@
-"""Pick-and-Draw's guided latent update (Eq. 10) and guidance windows (App. D, Fig. 8) in σ-space."""
-import math
+"""Pick-and-Draw's guided sampling (Eq. 9–10, App. D) in the host's σ-space: the two guidance terms,
+the guided latent update and the sampler loop.
+
+Windows are in the host's percent units (``model_sampling.percent_to_sigma``, as the host's
+timestep-range conditioning uses them), turned into σ bounds by the caller: P&D's steps [0, 10)
+and [10, 20) of 50 DDIM steps are exactly [0, 0.2) and [0.2, 0.4) on the ``ddim_uniform``
+schedule, and keep their meaning for other step counts, schedulers and denoise < 1.
+"""
+from dataclasses import dataclass
 
 import torch
 
-# P&D App. D / Fig. 8 on 50 DDIM steps: layout on steps [0, 10), appearance on [10, 20), as fractions.
-LAYOUT_WINDOW = (0.0, 0.2)
-APPEARANCE_WINDOW = (0.2, 0.4)
+from .losses import layout_loss, masked_vectors, uremd_loss
+
+LAYOUT_WINDOW = (0.0, 0.2)       # P&D Fig. 8: layout guidance on steps [0, 10) of 50
+APPEARANCE_WINDOW = (0.2, 0.4)   # appearance guidance on steps [10, 20) of 50
 
 
 def guided_update(x, grad, sigma, eta, normalise=True):
@@ -39,23 +47,80 @@ def guided_update(x, grad, sigma, eta, normalise=True):
     return x - step, ~finite
 
 
-def step_window(sigmas, start, end, full_sigmas=None):
-    """Which sampling steps of ``sigmas`` fall in a guidance window given as fractions of a schedule.
 
-    The window [``start``, ``end``) covers the steps k of the full schedule (n steps) with
-    start ≤ k/n < end — ``LAYOUT_WINDOW`` = (0, 0.2) is the paper's steps [0, 10) of 50 and becomes
-    [0, 6) of 30. It is defined on ``full_sigmas``, the whole schedule (denoise = 1) the run belongs
-    to, and matched by σ: step i of ``sigmas`` is in the window iff its σ_i lies in
-    (σ_full[k_end], σ_full[k_start]] (relative tolerance 1e-5). So with denoise < 1, where the host
-    samples only the tail of a longer schedule, the window keeps its σ range and the truncated run
-    guides only the part of it that it still covers; a different step count maps by σ range too.
-    ``full_sigmas=None`` takes ``sigmas`` as the full schedule. Returns a bool ``[len(sigmas) − 1]``.
+
+def _match(sigmas: list[float], sigma: float) -> int | None:
+    for i, s in enumerate(sigmas):
+        if abs(s - sigma) <= 1e-3 * max(s, 1e-3):
+            return i
+    return None
+
+
+@dataclass
+class _Term:
+    sigma_start: float      # the window is σ_end < σ ≤ σ_start (its start is the noisier end)
+    sigma_end: float
+    weight: float
+    sigmas: list[float]     # σ of every step the term holds data for
+    layers: list            # layer keys
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end < sigma <= self.sigma_start
+
+    def missing(self, schedule: list[float]) -> list[float]:
+        """σ of the schedule's steps inside the window that this term holds no data for."""
+        return [s for s in schedule[:-1] if self.active(s) and _match(self.sigmas, s) is None]
+
+
+@dataclass
+class AppearanceTerm(_Term):
+    """P&D §3.2: the palette V^ref_l (masked features of the reference's pivots) per step and layer."""
+    palette: list           # per step: {layer key: [n, C]}
+    tau: float
+
+    def loss(self, sigma: float, live) -> torch.Tensor:
+        """ℓ_app per batch item: UREMD (Eq. 6) of each layer's masked features, mean over layers."""
+        ref = self.palette[_match(self.sigmas, sigma)]
+        per_layer = []
+        for key in self.layers:
+            feats, maps = live.features[key], live.maps[key]
+            per_layer.append(torch.stack([
+                uremd_loss(ref[key], masked_vectors(feats[b].flatten(0, 1), maps[b, 0] >= self.tau))
+                for b in range(feats.shape[0])]))
+        return torch.stack(per_layer).mean(0)
+
+
+@dataclass
+class LayoutTerm(_Term):
+    """P&D §3.3: the vanilla template's maps Â^temp_l of the subject per step and layer ([B or 1, h, w])."""
+    maps: list              # per step: {layer key: [B, h, w]}
+    kernel_size: int = 3
+    smooth_sigma: float = 0.5
+
+    def loss(self, sigma: float, live) -> torch.Tensor:
+        """ℓ_lay per batch item (Eq. 8): smoothed Frobenius distance to the template, mean over layers."""
+        template = self.maps[_match(self.sigmas, sigma)]
+        return layout_loss([live.maps[k][:, 0] for k in self.layers], [template[k].to(live.maps[k]) for k in self.layers],
+                           self.kernel_size, self.smooth_sigma)
+
+
+def sample_guided(denoise, x, sigmas, guidance_grad, eta, normalise=True, callback=None, on_skip=None):
+    """P&D guided sampling (Eq. 9–10) on Euler steps, Euler in σ being DDIM with η = 0.
+
+    Each step first moves x by Eq. 10 when ``guidance_grad(x, σ)`` returns a gradient (None outside
+    every window), then takes the step exactly as the host's ``sample_euler`` does, so with
+    ``eta == 0`` the result equals the host's Euler sampler bit for bit. ``on_skip(i, mask)`` hears
+    of batch items whose gradient was not finite (their update is skipped, never a NaN latent).
     """
-    if not 0 <= start <= end <= 1:
-        raise ValueError(f"need 0 ≤ start ≤ end ≤ 1, got [{start}, {end})")
-    full = sigmas if full_sigmas is None else full_sigmas
-    n = len(full) - 1
-    k_start, k_end = (min(math.ceil(f * n - 1e-9), n) for f in (start, end))
-    upper, lower = full[k_start] * (1 + 1e-5), full[k_end] * (1 + 1e-5)
-    steps = sigmas[:-1]
-    return (steps <= upper) & (steps > lower)  # an empty window (k_start = k_end) has upper = lower
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        grad = guidance_grad(x, sigma) if eta else None
+        if grad is not None:
+            x, skipped = guided_update(x, grad, sigma, eta, normalise)
+            if on_skip is not None and skipped.any():
+                on_skip(i, skipped)
+        denoised = denoise(x, sigma)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
+    return x

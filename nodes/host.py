@@ -66,8 +66,12 @@ def _run_wrapper(store: AttentionStore):
     return wrapper
 
 
-def install_capture(model, store: AttentionStore, layers: list[AttnLayer], feature_layers: list[AttnLayer]):
-    """Patch a **clone** of ``model`` so sampling fills ``store``; existing attn2 replaces are chained."""
+def install_capture(model, store: AttentionStore, layers: list[AttnLayer], feature_layers: list[AttnLayer],
+                    record: bool = True):
+    """Patch a **clone** of ``model`` so sampling fills ``store``; existing attn2 replaces are chained.
+
+    ``record=False`` installs only the patches, for passes made inside ``store.live()``.
+    """
     patched = model.clone()
     replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for layer in layers:
@@ -75,7 +79,8 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
         patched.set_model_attn2_replace(cross_attention_patch(layer, store, optimized_attention, previous), *layer.key)
     if feature_layers:
         patched.set_model_attn2_patch(feature_patch(feature_layers, store))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _run_wrapper(store))
+    if record:
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _run_wrapper(store))
     return patched
 
 

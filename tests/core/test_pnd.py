@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from comfyui_personalize.guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, guided_update, step_window
+from comfyui_personalize.attention.store import LiveCapture
+from comfyui_personalize.guidance.losses import layout_loss
+from comfyui_personalize.guidance.pnd import AppearanceTerm, LayoutTerm, guided_update, sample_guided
 
 SIGMA = torch.tensor([14.6, 3.0, 0.4], dtype=torch.float64)       # one σ per batch item
 
@@ -77,40 +79,57 @@ def test_zero_gradient_leaves_x_unchanged(x):
     assert torch.equal(new, x) and not skipped.any()
 
 
-def schedule(n):
-    """A strictly decreasing σ schedule ending in 0, like the host's SIGMAS."""
-    return torch.cat([torch.logspace(1.16, -1.5, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+def test_eta_zero_is_the_plain_euler_loop_bit_for_bit():
+    sigmas = torch.tensor([14.6, 6.0, 2.0, 0.5, 0.0])
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    denoise = lambda x, s: 0.7 * x / (1 + s ** 2).sqrt()
+    calls = []
+    out = sample_guided(denoise, x0 * 14.6, sigmas, lambda x, s: calls.append(s), eta=0.0)
+    x = x0 * 14.6
+    for i in range(4):                       # the host's sample_euler, written out
+        d = (x - denoise(x, sigmas[i])) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    assert torch.equal(out, x) and calls == []
 
 
-def steps(mask):
-    return mask.nonzero().flatten().tolist()
+def test_guidance_moves_x_only_where_a_gradient_is_given():
+    sigmas = torch.tensor([10.0, 5.0, 1.0, 0.0])
+    target = torch.zeros(1, 4, 4, 4)
+    def grad(x, s):
+        return (x - target) if s > 4 else None            # a window covering the first two steps
+    seen = []
+    sample_guided(lambda x, s: x * 0, torch.ones(1, 4, 4, 4), sigmas, grad, eta=0.1,
+                  callback=lambda info: seen.append(info["x"].clone()))
+    ones = torch.ones(1, 4, 4, 4)
+    assert torch.allclose(seen[0], guided_update(ones, ones, 10.0, 0.1)[0])
+    assert (seen[0] < 1).all()
 
 
-def test_paper_windows_on_50_steps():
-    sigmas = schedule(50)
-    assert steps(step_window(sigmas, *LAYOUT_WINDOW)) == list(range(0, 10))
-    assert steps(step_window(sigmas, *APPEARANCE_WINDOW)) == list(range(10, 20))
-    assert step_window(sigmas, 0, 1).all() and step_window(sigmas, 0, 1).shape == (50,)
-    assert not step_window(sigmas, 0.3, 0.3).any()
+def slow_uremd(ref, gen):
+    cos = torch.stack([torch.stack([torch.nn.functional.cosine_similarity(r, g, dim=0) for r in ref]) for g in gen])
+    return (1 - cos).min(dim=1).values.mean()
 
 
-@pytest.mark.parametrize("n, layout, appearance", [(30, range(0, 6), range(6, 12)), (7, range(0, 2), range(2, 3))])
-def test_windows_scale_with_the_step_count(n, layout, appearance):
-    sigmas = schedule(n)
-    assert steps(step_window(sigmas, *LAYOUT_WINDOW)) == list(layout)
-    assert steps(step_window(sigmas, *APPEARANCE_WINDOW)) == list(appearance)
+def test_appearance_term_is_the_layer_mean_of_uremd_over_masked_vectors():
+    g = torch.Generator().manual_seed(3)
+    keys = [("output", 6, 0), ("output", 7, 0)]
+    palette = [{k: torch.randn(5, 8, generator=g) for k in keys}, {k: torch.randn(7, 8, generator=g) for k in keys}]
+    term = AppearanceTerm(9.0, 3.0, 1.0, [8.0, 4.0], keys, palette, tau=0.5)
+    live = LiveCapture(maps={k: torch.rand(2, 1, 4, 4, generator=g) for k in keys},
+                       features={k: torch.randn(2, 4, 4, 8, generator=g) for k in keys})
+    loss = term.loss(4.0, live)
+    for b in range(2):
+        ref = torch.stack([slow_uremd(palette[1][k], live.features[k][b][live.maps[k][b, 0] >= 0.5]) for k in keys]).mean()
+        assert torch.allclose(loss[b], ref, atol=1e-5)
+    assert term.active(8.0) and term.active(4.0) and not term.active(3.0) and not term.active(9.5)
+    assert term.missing([12.0, 8.0, 6.0, 4.0, 2.0, 0.0]) == [6.0]
 
 
-def test_truncated_schedule_keeps_the_full_schedules_sigma_range():
-    # the host's denoise 0.9 at 45 steps: the last 46 σ's of a 50-step schedule, step i = full step i + 5
-    full = schedule(50)
-    tail = full[-46:].clone()
-    assert steps(step_window(tail, *LAYOUT_WINDOW, full_sigmas=full)) == list(range(0, 5))
-    assert steps(step_window(tail, *APPEARANCE_WINDOW, full_sigmas=full)) == list(range(5, 15))
-    # denoise 0.5: the run starts below both windows
-    assert not step_window(full[-26:], *APPEARANCE_WINDOW, full_sigmas=full).any()
-
-
-def test_window_rejects_bad_fractions():
-    with pytest.raises(ValueError):
-        step_window(schedule(10), 0.5, 0.2)
+def test_layout_term_matches_layout_loss_and_broadcasts_a_one_item_template():
+    g = torch.Generator().manual_seed(4)
+    keys = [("input", 1, 0), ("middle", 0, 0)]
+    template = {keys[0]: torch.rand(1, 8, 8, generator=g), keys[1]: torch.rand(1, 2, 2, generator=g)}
+    term = LayoutTerm(99.0, 5.0, 1.0, [10.0], keys, [template])
+    live = LiveCapture(maps={keys[0]: torch.rand(3, 1, 8, 8, generator=g), keys[1]: torch.rand(3, 1, 2, 2, generator=g)})
+    expected = layout_loss([live.maps[k][:, 0] for k in keys], [template[k] for k in keys])
+    assert torch.equal(term.loss(10.0, live), expected) and expected.shape == (3,)

@@ -1,0 +1,276 @@
+"""Pick-and-Draw (arXiv 2401.16762): UREMDGuidance, LayoutGuidance and the guided sampler."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.sample
+import comfy.samplers
+
+from ..attention.layers import RULE_HELP, select_layers
+from ..attention.store import AttentionStore
+from ..guidance.losses import masked_vectors
+from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
+from . import host
+from .sampling import Loop, fresh_weights, grad_enabled, run_loop
+
+CATEGORY = "personalize/pick-and-draw"
+Appearance = io.Custom("PND_APPEARANCE")
+Layout = io.Custom("PND_LAYOUT")
+Inversion = io.Custom("INVERSION")
+MARK = "comfyui_personalize_pnd"
+UNTUNED = " Untuned starting point: no paper gives a value."
+
+
+def _window_inputs(default):
+    return [
+        io.Float.Input("start", default=default[0], min=0.0, max=1.0, step=0.01,
+                       tooltip="Window start, in the host's percent of the schedule (0 = first step). P&D Fig. 8: "
+                               "layout [0, 0.2), appearance [0.2, 0.4) — steps [0, 10) and [10, 20) of 50 DDIM steps."),
+        io.Float.Input("end", default=default[1], min=0.0, max=1.0, step=0.01,
+                       tooltip="Window end (exclusive), same units. Percent units keep the window's meaning for any "
+                               "step count, scheduler or denoise."),
+    ]
+
+
+def _sigma_window(model, start, end):
+    if not 0 <= start < end <= 1:
+        raise ValueError(f"the window [{start}, {end}) is empty or outside [0, 1]: give 0 ≤ start < end ≤ 1.")
+    sampling = model.get_model_object("model_sampling")
+    return sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
+
+
+def _window_steps(schedule: list[float], sigma_start: float, sigma_end: float, what: str) -> list[int]:
+    steps = [i for i, s in enumerate(schedule[:-1]) if sigma_end < s <= sigma_start]
+    if not steps:
+        raise ValueError(f"the {what} window holds no step of this schedule ({len(schedule) - 1} steps, "
+                         f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): widen the window or use more steps.")
+    return steps
+
+
+def _appearance_layers(layers, rule):
+    """'auto': decoder cross-attention one level coarser than the finest attention level.
+
+    That is P&D's 32×32 decoder layers on SD1.x at 512² (latent 1/2) and 1/4 of the latent on SDXL,
+    whose finest attention level is 1/2 — the same 32×32 grid at 1024².
+    """
+    if rule.strip().lower() == "auto":
+        finest = min(l.scale for l in layers if l.kind == "cross")
+        rule = f"decoder cross 1/{finest * 2}"
+    return select_layers(layers, rule, kind="cross")
+
+
+class UREMDGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="UREMDGuidance",
+            display_name="UREMD Appearance Guidance (Pick-and-Draw)",
+            category=CATEGORY,
+            description="Builds P&D's appearance palette (§3.2): features of the personalized model at the reference's "
+                        "inverted pivots, masked where the subject word's cross-attention is ≥ τ. Feed it to the "
+                        "Pick-and-Draw Sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The personalized model (the one you sample with)."),
+                Inversion.Input("inversion", tooltip="The reference image's inversion (NullTextInvert / LoadInversion)."),
+                io.Clip.Input("clip", tooltip="Locates the subject word in the inversion's source prompt."),
+                io.String.Input("subject", default="dog",
+                                tooltip="The subject word in the reference's source prompt (e.g. 'dog' or 'sks dog')."),
+                io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="τ: feature positions whose normalised subject attention Â ≥ τ form the palette "
+                                       "and the generated set (P&D Eq. 3)." + UNTUNED),
+                io.String.Input("layers", default="auto",
+                                tooltip="Layers whose features are matched. 'auto' = decoder cross-attention at 1/2 of the "
+                                        "latent on SD1.x (P&D's 32×32 at 512², Table 2), 1/4 on SDXL. " + RULE_HELP),
+                *_window_inputs(APPEARANCE_WINDOW),
+                io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9)." + UNTUNED),
+            ],
+            outputs=[Appearance.Output(display_name="appearance")],
+        )
+
+    @classmethod
+    def execute(cls, model, inversion, clip, subject, tau, layers, start, end, weight) -> io.NodeOutput:
+        chosen = _appearance_layers(host.unet_layers(model), layers)
+        positions, prompt_len = host.prompt_word_positions(clip, inversion.prompt, [subject])
+        sigma_start, sigma_end = _sigma_window(model, start, end)
+        schedule = [float(s) for s in inversion.sigmas]
+        steps = _window_steps(schedule, sigma_start, sigma_end, "appearance")
+        store = AttentionStore([subject], positions, prompt_len, chosen)
+        patched = host.install_capture(model, store, chosen, chosen, record=False)
+        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(inversion.prompt))
+        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+        def palette_pass(loop: Loop, x, sigmas):
+            palette = []
+            for i in steps:
+                with store.live() as live:
+                    loop.denoise(inversion.trajectory[i].to(x), schedule[i], "positive")
+                palette.append({l.key: masked_vectors(live.features[l.key][0].flatten(0, 1),
+                                                      live.maps[l.key][0, 0] >= tau).detach().float().cpu()
+                                for l in chosen})
+            return x, palette
+
+        latent = inversion.trajectory[-1][:1]
+        _, palette = run_loop(patched, encoded, empty, latent, inversion.sigmas[:2], palette_pass)
+        term = AppearanceTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen],
+                              palette, tau)
+        return io.NodeOutput(term)
+
+
+class LayoutGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LayoutGuidance",
+            display_name="Layout Guidance (Pick-and-Draw)",
+            category=CATEGORY,
+            description="Samples P&D's layout template (§3.3): the vanilla model with the class-word prompt, from the same "
+                        "noise and σ schedule as the generation, recording the class word's cross-attention maps over "
+                        "the layout window. Feed it to the Pick-and-Draw Sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The vanilla (non-personalized) model that draws the layout."),
+                io.Clip.Input("clip", tooltip="Locates the class word in the template prompt."),
+                io.String.Input("prompt", multiline=True, default="a dog swimming in the water",
+                                tooltip="The template prompt: the generation prompt with the class word instead of the "
+                                        "personal token. Encode the same text for 'positive'."),
+                io.String.Input("word", default="dog", tooltip="The class word whose maps are the template."),
+                io.Conditioning.Input("positive", tooltip="The template prompt, encoded."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="CFG of the template run."),
+                io.Noise.Input("noise", tooltip="The generation's NOISE: the template starts from the same noise (P&D "
+                                                "leaves this open; the same noise gives the same layout per seed)."),
+                io.Sigmas.Input("sigmas", tooltip="The generation's SIGMAS: the template's steps must be the generation's."),
+                io.Latent.Input("latent", tooltip="The generation's input LATENT (its size and batch)."),
+                io.String.Input("layers", default="cross",
+                                tooltip="Layers whose maps are matched; P&D uses every cross-attention layer, each "
+                                        "separately. " + RULE_HELP),
+                *_window_inputs(LAYOUT_WINDOW),
+                io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9)." + UNTUNED),
+                io.Int.Input("kernel_size", default=3, min=1, max=15, step=2,
+                             tooltip="Gaussian smoothing G of the maps (Attend-and-Excite's default; P&D gives none)."),
+                io.Float.Input("smooth_sigma", default=0.5, min=0.05, max=10.0, step=0.05,
+                               tooltip="σ of the smoothing kernel (Attend-and-Excite's default)."),
+            ],
+            outputs=[Layout.Output(display_name="layout")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, word, positive, negative, cfg, noise, sigmas, latent, layers, start, end,
+                weight, kernel_size, smooth_sigma) -> io.NodeOutput:
+        chosen = select_layers(host.unet_layers(model), layers, kind="cross")
+        positions, prompt_len = host.prompt_word_positions(clip, prompt, [word])
+        sigma_start, sigma_end = _sigma_window(model, start, end)
+        schedule = [float(s) for s in sigmas]
+        steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
+        store = AttentionStore([word], positions, prompt_len, chosen, offload_device=host.offload_device(model))
+        guider = comfy.samplers.CFGGuider(host.install_capture(model, store, chosen, []))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        guider.sample(noise.generate_noise({**latent, "samples": samples}), samples,
+                      comfy.samplers.sampler_object("euler"), sigmas[:steps[-1] + 2], seed=noise.seed)
+        run = store.runs[-1]
+        maps = [{l.key: run.maps[(i, l.key, 0)][:, 0] for l in chosen} for i in steps]
+        term = LayoutTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen], maps,
+                          kernel_size, smooth_sigma)
+        return io.NodeOutput(term)
+
+
+def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disable=None, store=None, terms=(),
+                         eta=0.1, normalise=True):
+    """The SAMPLER's function: P&D guided Euler sampling (``guidance.pnd.sample_guided``) in the host's loop.
+
+    Inside a window the gradient of Σ weight·ℓ comes from one extra cond-only pass with live maps and
+    features; every other call is the host's own CFG prediction, so CFG, conditioning, noise masks and
+    other patches stay the user's.
+    """
+    loop = Loop(model, extra_args, callback)
+    if loop.guider.model_options.get("transformer_options", {}).get(MARK) is not store:
+        raise ValueError("the Pick-and-Draw SAMPLER needs the MODEL from the same Pick-and-Draw Sampler node: wire that "
+                         "node's MODEL output into the sampler node too.")
+    schedule = [float(s) for s in sigmas]
+    for term in terms:
+        if missing := term.missing(schedule):
+            raise ValueError(
+                f"the {type(term).__name__} was made for another σ schedule: it has no data for σ "
+                f"{', '.join(f'{s:.4g}' for s in missing[:4])} of this run. Use the same steps/scheduler (and, for the "
+                "layout template, the same SIGMAS) as the generation, or re-invert the reference with them.")
+
+    def guidance_grad(x, sigma):
+        s = float(sigma)
+        active = [t for t in terms if t.active(s)]
+        if not active:
+            return None
+        with grad_enabled():
+            xg = x.detach().clone().requires_grad_(True)
+            with store.live() as live:
+                loop.denoise(xg, sigma, "positive")
+            loss = sum(t.weight * t.loss(s, live) for t in active)
+            grad, = torch.autograd.grad(loss.sum(), xg)
+        return grad
+
+    def on_skip(i, skipped):
+        logging.warning(f"Pick-and-Draw: step {i}: the guidance gradient was not finite for batch items "
+                        f"{skipped.nonzero().flatten().tolist()}; their guidance step was skipped.")
+
+    return sample_guided(loop.cfg_denoise, x, sigmas, guidance_grad, eta, normalise, callback, on_skip)
+
+
+class PickAndDrawSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PickAndDrawSampler",
+            display_name="Pick-and-Draw Sampler",
+            category=CATEGORY,
+            description="P&D guided sampling (Eq. 9–10): inside each guidance window the latent moves down the gradient "
+                        "of α·ℓ_app + β·ℓ_lay before every Euler (= DDIM) step. Wire BOTH outputs into SamplerCustom / "
+                        "SamplerCustomAdvanced (the MODEL carries the attention patches the gradient needs).",
+            inputs=[
+                io.Model.Input("model", tooltip="The personalized model (checkpoint, LoRA…) — or vanilla SD itself."),
+                io.Clip.Input("clip", tooltip="Locates the subject word in the generation prompt."),
+                io.String.Input("prompt", multiline=True, default="a photo of a sks dog swimming in the water",
+                                tooltip="The generation prompt, as encoded for the sampler's positive conditioning."),
+                io.String.Input("subject", default="dog",
+                                tooltip="The subject word in the generation prompt (its maps are matched)."),
+                io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="η_g. With 'normalise' on, how far (RMS, in the unit-variance latent) each guided "
+                                       "step moves every image; 0 = plain Euler/DDIM sampling." + UNTUNED),
+                io.Boolean.Input("normalise", default=True,
+                                 tooltip="On: scale-free step η·∇/RMS(∇). Off: the paper's literal z ← z − η∇ℓ "
+                                         "(η then carries the loss scale)."),
+                Appearance.Input("appearance", optional=True, tooltip="From UREMD Appearance Guidance."),
+                Layout.Input("layout", optional=True, tooltip="From Layout Guidance."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="Wire into the sampler node together with the SAMPLER."),
+                io.Sampler.Output(display_name="SAMPLER"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, subject, eta, normalise, appearance=None, layout=None) -> io.NodeOutput:
+        terms = [t for t in (appearance, layout) if t is not None]
+        if not terms:
+            raise ValueError("connect an appearance (UREMD Appearance Guidance) and/or a layout (Layout Guidance) term.")
+        keys = {k for t in terms for k in t.layers}
+        all_layers = host.unet_layers(model)
+        layers = [l for l in all_layers if l.kind == "cross" and l.key in keys]
+        if len(layers) != len(keys):
+            raise ValueError("a guidance term names layers this model does not have: build the terms with this model's "
+                             "architecture (SD1.x terms cannot drive an SDXL model).")
+        features = [l for l in layers if appearance is not None and l.key in appearance.layers]
+        positions, prompt_len = host.prompt_word_positions(clip, prompt, [subject])
+        store = AttentionStore([subject], positions, prompt_len, layers)
+        prepared = host.install_capture(fresh_weights(model), store, layers, features, record=False)
+        prepared.model_options.setdefault("transformer_options", {})[MARK] = store
+        sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
+                                          extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise})
+        return io.NodeOutput(prepared, sampler)
+
+
+NODES = [UREMDGuidance, LayoutGuidance, PickAndDrawSampler]

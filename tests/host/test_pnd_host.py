@@ -1,0 +1,160 @@
+"""Pick-and-Draw nodes in the real host on the tiny SD1 model: the guided sampler, its terms, its errors."""
+import copy
+import types
+
+import pytest
+import torch
+
+PROMPT, TEMPLATE, REF_PROMPT = "a photo of a sks dog in the water", "a photo of a dog in the water", "a photo of a sks dog"
+
+
+@pytest.fixture(scope="module")
+def env(host, pack):
+    import tiny_models
+    model, clip, vae = tiny_models.tiny_sd1()
+
+    def encode(text):
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return types.SimpleNamespace(pnd=pack("nodes.pnd"), sampling=pack("nodes.sampling"), model=model, clip=clip, vae=vae,
+                                 encode=encode, tiny=tiny_models)
+
+
+def schedule(model, steps=10):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
+
+
+def noise_object(seed=0):
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+    return Noise_RandomNoise(seed)
+
+
+def reference_inversion(env, sigmas):
+    """A plain DDIM inversion of a smooth image, shaped like the INVERSION the palette reads."""
+    from comfyui_personalize.guidance.inversion import ddim_invert
+    image = env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)  # IMAGE is [B, H, W, C]
+    with torch.inference_mode():
+        latent = env.vae.encode(image)
+
+        def invert(loop, x, sigmas):
+            trajectory = ddim_invert(lambda z, s, _: loop.denoise(z, s, "positive"), x, sigmas, None)
+            return x, trajectory
+        _, trajectory = env.sampling.run_loop(env.model, env.encode(REF_PROMPT), env.encode(""), latent, sigmas, invert)
+    return types.SimpleNamespace(prompt=REF_PROMPT, sigmas=sigmas, trajectory=trajectory)
+
+
+def terms(env, sigmas, latent):
+    with torch.inference_mode():
+        appearance = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, sigmas), env.clip, "sks dog", 0.5,
+                                                   "auto", 0.2, 0.4, 1.0).args[0]
+        layout = env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""),
+                                                7.5, noise_object(), sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0,
+                                                3, 0.5).args[0]
+    return appearance, layout
+
+
+def sample_custom(model, sampler, sigmas, latent, env, seed=0):
+    import comfy.sample
+    with torch.inference_mode():
+        noise = noise_object(seed).generate_noise({"samples": latent})
+        return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, env.encode(PROMPT), env.encode(""), latent,
+                                          seed=seed, disable_pbar=True)
+
+
+def test_paper_windows_select_the_papers_steps(env):
+    sigmas = schedule(env.model, 50).tolist()
+    pick = lambda w: env.pnd._window_steps(sigmas, *env.pnd._sigma_window(env.model, *w), "x")
+    assert pick((0.0, 0.2)) == list(range(10)) and pick((0.2, 0.4)) == list(range(10, 20))
+
+
+def test_terms_are_built_on_the_right_steps_and_layers(env):
+    sigmas, latent = schedule(env.model), torch.zeros(2, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    assert appearance.sigmas == [float(s) for s in sigmas[2:4]] and layout.sigmas == [float(s) for s in sigmas[:2]]
+    assert {k[0] for k in appearance.layers} == {"output"} and len(layout.layers) == 10
+    assert all(v.shape[1] == 32 and 0 < v.shape[0] <= 64 for step in appearance.palette for v in step.values())
+    assert all(m.shape[0] == 2 for step in layout.maps for m in step.values()), "one template per batch item"
+
+
+def test_eta_zero_equals_the_host_euler_sampler_and_the_model_is_untouched(env):
+    import comfy.samplers
+    sigmas, latent = schedule(env.model), torch.zeros(2, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    before = repr(copy.deepcopy(env.model.model_options)), dict(env.model.weight_wrapper_patches)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.0, True,
+                                                               appearance, layout).args
+    guided = sample_custom(prepared, sampler, sigmas, latent, env)
+    plain = sample_custom(env.model, comfy.samplers.sampler_object("euler"), sigmas, latent, env)
+    assert torch.equal(guided, plain)
+    assert (repr(copy.deepcopy(env.model.model_options)), dict(env.model.weight_wrapper_patches)) == before
+
+
+def test_guidance_changes_the_image_deterministically(env):
+    sigmas, latent = schedule(env.model), torch.zeros(2, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True,
+                                                               appearance, layout).args
+    a, b = sample_custom(prepared, sampler, sigmas, latent, env), sample_custom(prepared, sampler, sigmas, latent, env)
+    plain = sample_custom(prepared, env.pnd.comfy.samplers.sampler_object("euler"), sigmas, latent, env)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert (a - plain).abs().max() > 1e-2
+
+
+def test_each_loss_decreases_at_every_guided_step(env):
+    """ℓ(x − step) < ℓ(x) for each term at each of its steps, with the sampler's own update and loss code."""
+    from comfyui_personalize.guidance.pnd import guided_update
+    sigmas, latent = schedule(env.model), torch.zeros(2, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.05, True,
+                                                               appearance, layout).args
+    store = sampler.extra_options["store"]
+    checked = []
+
+    def probe(loop, x, sigmas):
+        for i in range(len(sigmas) - 1):
+            s = float(sigmas[i])
+            for term in (appearance, layout):
+                if not term.active(s):
+                    continue
+                def loss(z):
+                    with store.live() as live:
+                        loop.denoise(z, sigmas[i], "positive")
+                    return term.loss(s, live)
+                with env.sampling.grad_enabled():
+                    z = x.detach().clone().requires_grad_(True)
+                    before = loss(z)
+                    grad, = torch.autograd.grad(before.sum(), z)
+                    after = loss(guided_update(x, grad, s, 0.05)[0])
+                checked.append((type(term).__name__, i, before.detach(), after.detach()))
+            x = x + (x - loop.cfg_denoise(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x, None
+
+    with torch.inference_mode():
+        noise = noise_object().generate_noise({"samples": latent})
+        env.sampling.run_loop(prepared, env.encode(PROMPT), env.encode(""), latent, sigmas, probe, noise=noise, cfg=7.5)
+    assert [(n, i) for n, i, _, _ in checked] == [("LayoutTerm", 0), ("LayoutTerm", 1), ("AppearanceTerm", 2),
+                                                   ("AppearanceTerm", 3)]
+    for name, i, before, after in checked:
+        assert (after < before).all(), (name, i, before, after)
+
+
+def test_bad_inputs_are_refused_with_messages(env):
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="'cat' is not a word of the prompt"):
+        env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "cat", 0.1, True, appearance, layout)
+    with pytest.raises(ValueError, match="window holds no step"):
+        env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
+                                       noise_object(), sigmas, {"samples": latent}, "cross", 0.95, 0.96, 1.0, 3, 0.5)
+    with pytest.raises(ValueError, match="connect an appearance"):
+        env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.1, True)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.1, True,
+                                                               appearance, layout).args
+    with pytest.raises(ValueError, match="made for another σ schedule"):
+        sample_custom(prepared, sampler, schedule(env.model, 12), latent, env)
+    with pytest.raises(ValueError, match="needs the MODEL from the same Pick-and-Draw Sampler"):
+        sample_custom(env.model, sampler, sigmas, latent, env)
