@@ -16,9 +16,10 @@ def cross_attention_patch(layer: AttnLayer, store: AttentionStore, attention, pr
     """attn2 *replace* ``(q, k, v, extra_options) -> out`` that records Â of the watched words.
 
     ``attention(q, k, v, heads, attn_precision=..., transformer_options=...)`` is the host's kernel;
-    ``previous`` an attn2 replace that was on this layer before (its output is used unchanged). In
-    live mode without a previous patch the output is A·V from the same fp32 probabilities, so it is
-    differentiable whatever kernel the host picked (flash attention has no backward).
+    ``previous`` an attn2 replace that was on this layer before (its output is used unchanged). When
+    a gradient flows (a live pass, or a guidance pass through a recording capture) and there is no
+    previous patch, the output is A·V from the same fp32 probabilities, so it is differentiable
+    whatever kernel the host picked (flash attention has no backward).
     """
     def output(q, k, v, extra_options, probs=None):
         if previous is not None:
@@ -35,7 +36,7 @@ def cross_attention_patch(layer: AttnLayer, store: AttentionStore, attention, pr
         height, width = extra_options["activations_shape"][-2:]
         maps = minmax_normalise(word_maps(probs, store.columns(k.shape[1])))
         store.put("maps", layer.key, to_grid(maps, height, width), extra_options)
-        return output(q, k, v, extra_options, probs if store.is_live else None)
+        return output(q, k, v, extra_options, probs if store.is_live or q.requires_grad else None)
 
     return patch
 

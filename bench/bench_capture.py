@@ -30,8 +30,7 @@ def main():
     if args.size == "tiny":
         import tiny_models
         model, clip, _ = tiny_models.tiny_sd1()
-        context = tiny_models.encode_text(clip, "a photo of a dog")[0]
-        uncontext = tiny_models.encode_text(clip, "")[0]
+        context, uncontext = (clip.encode_from_tokens(clip.tokenize(t)) for t in ("a photo of a dog", ""))
     else:
         model = sd15_unet(args.device)
         context, uncontext = torch.randn(1, 77, 768), torch.randn(1, 77, 768)

@@ -2,9 +2,10 @@
 from comfy_api.latest import ComfyExtension
 
 from .capture import NODES as CAPTURE_NODES
+from .inversion import NODES as INVERSION_NODES
 from .pnd import NODES as PND_NODES
 
 
 class PersonalizeExtension(ComfyExtension):
     async def get_node_list(self):
-        return [*CAPTURE_NODES, *PND_NODES]
+        return [*CAPTURE_NODES, *PND_NODES, *INVERSION_NODES]

@@ -14,6 +14,7 @@ from ..attention.store import AttentionStore
 from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
+from .inversion import require_same_model
 from .sampling import Loop, fresh_weights, grad_enabled, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
@@ -98,10 +99,9 @@ class UREMDGuidance(io.ComfyNode):
         sigma_start, sigma_end = _sigma_window(model, start, end)
         schedule = [float(s) for s in inversion.sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "appearance")
+        require_same_model(inversion, model, "the inversion")
         store = AttentionStore([subject], positions, prompt_len, chosen)
         patched = host.install_capture(model, store, chosen, chosen, record=False)
-        encoded = clip.encode_from_tokens_scheduled(clip.tokenize(inversion.prompt))
-        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
         def palette_pass(loop: Loop, x, sigmas):
             palette = []
@@ -114,7 +114,7 @@ class UREMDGuidance(io.ComfyNode):
             return x, palette
 
         latent = inversion.trajectory[-1][:1]
-        _, palette = run_loop(patched, encoded, empty, latent, inversion.sigmas[:2], palette_pass)
+        _, palette = run_loop(patched, inversion.positive, inversion.negative, latent, inversion.sigmas[:2], palette_pass)
         term = AppearanceTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen],
                               palette, tau)
         return io.NodeOutput(term)

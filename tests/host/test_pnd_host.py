@@ -15,7 +15,8 @@ def env(host, pack):
 
     def encode(text):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    return types.SimpleNamespace(pnd=pack("nodes.pnd"), sampling=pack("nodes.sampling"), model=model, clip=clip, vae=vae,
+    return types.SimpleNamespace(pnd=pack("nodes.pnd"), sampling=pack("nodes.sampling"), inversion=pack("nodes.inversion"),
+                                 model=model, clip=clip, vae=vae,
                                  encode=encode, tiny=tiny_models)
 
 
@@ -29,23 +30,20 @@ def noise_object(seed=0):
     return Noise_RandomNoise(seed)
 
 
-def reference_inversion(env, sigmas):
-    """A plain DDIM inversion of a smooth image, shaped like the INVERSION the palette reads."""
-    from comfyui_personalize.guidance.inversion import ddim_invert
-    image = env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)  # IMAGE is [B, H, W, C]
-    with torch.inference_mode():
-        latent = env.vae.encode(image)
+def reference_image(env):
+    return env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)  # IMAGE is [B, H, W, C]
 
-        def invert(loop, x, sigmas):
-            trajectory = ddim_invert(lambda z, s, _: loop.denoise(z, s, "positive"), x, sigmas, None)
-            return x, trajectory
-        _, trajectory = env.sampling.run_loop(env.model, env.encode(REF_PROMPT), env.encode(""), latent, sigmas, invert)
-    return types.SimpleNamespace(prompt=REF_PROMPT, sigmas=sigmas, trajectory=trajectory)
+
+def reference_inversion(env, steps, model=None):
+    """The reference inverted by the pack's own NullTextInvert (plain DDIM mode: the palette reads only the pivots)."""
+    with torch.inference_mode():
+        return env.inversion.NullTextInvert.execute(model or env.model, env.clip, REF_PROMPT, "ddim", steps, "ddim_uniform",
+                                                    7.5, 10, 1e-2, 1e-5, "", image=reference_image(env), vae=env.vae).args[0]
 
 
 def terms(env, sigmas, latent):
     with torch.inference_mode():
-        appearance = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, sigmas), env.clip, "sks dog", 0.5,
+        appearance = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, len(sigmas) - 1), env.clip, "sks dog", 0.5,
                                                    "auto", 0.2, 0.4, 1.0).args[0]
         layout = env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""),
                                                 7.5, noise_object(), sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0,
@@ -158,3 +156,60 @@ def test_bad_inputs_are_refused_with_messages(env):
         sample_custom(prepared, sampler, schedule(env.model, 12), latent, env)
     with pytest.raises(ValueError, match="needs the MODEL from the same Pick-and-Draw Sampler"):
         sample_custom(env.model, sampler, sigmas, latent, env)
+
+
+def test_an_inversion_from_another_model_is_refused(env):
+    other = env.model.clone()
+    key = next(k for k in other.model_state_dict() if k.endswith("attn2.to_k.weight"))
+    other.add_patches({key: (torch.ones_like(other.model_state_dict()[key]) * 0.01,)}, 1.0)   # a LoRA-like merge
+    inversion = reference_inversion(env, 10)
+    with pytest.raises(ValueError, match="made with a different model: .*weight patches"):
+        env.pnd.UREMDGuidance.execute(other, inversion, env.clip, "sks dog", 0.5, "auto", 0.2, 0.4, 1.0)
+
+
+@pytest.mark.parametrize("name", ["pick_and_draw_personalized.json", "pick_and_draw_vanilla_sd.json"])
+def test_shipped_pick_and_draw_workflows_run_in_the_host_executor(host, env, name):
+    import json
+    import pathlib
+    import harness
+    from PIL import Image
+    Image.fromarray((reference_image(env)[0].numpy() * 255).astype("uint8")).save(host.input_dir / "reference_dog.png")
+    workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / name).read_text())
+    for node in workflow["nodes"]:       # test-only: fewer steps on the tiny CPU models (the file keeps 50)
+        if node["type"] == "NullTextInvert":
+            node["widgets_values"][2] = 10
+        if node["type"] == "BasicScheduler":
+            node["widgets_values"][1] = 10
+    out = harness.run_workflow(workflow, latent_side=128)
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    image = out[by_type["VAEDecode"]][0]
+    assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
+    assert 0 <= out[by_type["NullTextInvert"]][3] < 0.2, "the reference is reconstructed"
+    grid, mask = out[by_type["AttentionMaps"]]
+    assert grid.shape[0] == 1 and mask.shape == (1, 128, 128)
+
+
+def test_pick_and_draw_on_sdxl(env):
+    """The whole chain on the tiny SDXL (pooled/size conditioning, depth-2 blocks, 'auto' layers at 1/4)."""
+    import comfy.sample
+    import comfy.samplers
+    model, clip, vae = env.tiny.tiny_sdxl()
+    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    sigmas, latent = schedule(model), torch.zeros(1, 4, 16, 16)
+    with torch.inference_mode():
+        inversion = env.inversion.NullTextInvert.execute(model, clip, REF_PROMPT, "ddim", 10, "ddim_uniform", 7.5, 10, 1e-2,
+                                                         1e-5, "", image=reference_image(env), vae=vae).args[0]
+        appearance = env.pnd.UREMDGuidance.execute(model, inversion, clip, "dog", 0.5, "auto", 0.2, 0.4, 1.0).args[0]
+        layout = env.pnd.LayoutGuidance.execute(model, clip, TEMPLATE, "dog", encode(TEMPLATE), encode(""), 7.5, noise_object(),
+                                                sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
+        assert {k[:2] for k in appearance.layers} == {("output", 0), ("output", 1)} and {k[2] for k in appearance.layers} == {0, 1}
+        outs = []
+        for eta in (0.0, 0.5):
+            prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", eta, True, appearance, layout).args
+            noise = noise_object().generate_noise({"samples": latent})
+            outs.append(comfy.sample.sample_custom(prepared, noise, 7.5, sampler, sigmas, encode(PROMPT), encode(""), latent,
+                                                   disable_pbar=True))
+        plain = comfy.sample.sample_custom(model, noise, 7.5, comfy.samplers.sampler_object("euler"), sigmas, encode(PROMPT),
+                                           encode(""), latent, disable_pbar=True)
+    assert torch.equal(outs[0], plain)
+    assert torch.isfinite(outs[1]).all() and (outs[1] - plain).abs().max() > 1e-2
