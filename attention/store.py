@@ -99,13 +99,19 @@ class AttentionStore:
     def abort_run(self):
         self._run = None
 
+    def _averaged(self, run: Run) -> Run:
+        mean = lambda table: {k: torch.stack(c).mean(0).to(self.offload_device, self.dtype) for k, c in table.items()}
+        return Run(run.sigmas, mean(run.maps), mean(run.features))
+
+    def snapshot(self) -> Run:
+        """The run in progress, averaged so far: for a loop that needs its own maps before it ends (L&R's M^c)."""
+        return self._averaged(self._run)
+
     def end_run(self, output: torch.Tensor):
         run, self._run = self._run, None
         if run is None:
             return
-        for table in (run.maps, run.features):
-            for key, chunks in table.items():
-                table[key] = torch.stack(chunks).mean(0).to(self.offload_device, self.dtype)
+        run = self._averaged(run)
         run.output = output.detach().float().to(self.offload_device)
         self.runs = (self.runs + [run])[-self.keep_runs:]
 

@@ -1,0 +1,258 @@
+"""Layout-and-Retouch (arXiv 2407.09779): StepBlendSampler (stage 1) and MultiSourceAttnSwap (stage 2)."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.samplers
+import latent_preview
+import nodes as host_nodes
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..attention.layers import RULE_HELP, select_layers
+from ..attention.preview import mean_map
+from ..attention.store import AttentionStore, Run
+from ..attention.swap import LAYOUT, SwapState, blend_output_patch, self_attention_swap_patch
+from ..attention.tokens import parse_words
+from ..guidance.masks import adaptive_mask, attention_mask
+from . import host
+from .inversion import require_same_model
+from .sampling import check_interrupt, run_loop
+
+CATEGORY = "personalize/layout-and-retouch"
+Inversion = io.Custom("INVERSION")
+PIXELS_PER_LATENT = 8
+PAPER_STEPS, PAPER_LAMBDA2, PAPER_BLEND_START = 50, 10, 31   # L&R App. B.1, steps counted from the start
+
+
+class StepBlendSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="StepBlendSampler",
+            display_name="Step-Blend Sampler (Layout-and-Retouch stage 1)",
+            category=CATEGORY,
+            description="L&R §3.1: the first λ1 steps use the vanilla model with the prompt without the personal token "
+                        "(a diverse layout), the rest the personalized model with the personal prompt. The two models "
+                        "run one after the other (the host loads each once).",
+            inputs=[
+                io.Model.Input("vanilla", tooltip="The vanilla model (draws the layout)."),
+                io.Model.Input("personalized", tooltip="The personalized model (LoRA, textual inversion, DreamBooth…)."),
+                io.Conditioning.Input("vanilla_positive", tooltip="y_p⁻: the prompt with the class word (or without the "
+                                                                  "personal token), e.g. 'a photo of a dog in the jungle'."),
+                io.Conditioning.Input("vanilla_negative", tooltip="Negative prompt for the vanilla steps."),
+                io.Conditioning.Input("personalized_positive", tooltip="y_p: the prompt with the personal token."),
+                io.Conditioning.Input("personalized_negative", tooltip="Negative prompt for the personalized steps."),
+                io.Latent.Input("latent", tooltip="The starting LATENT (e.g. Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="L&R uses 50 DDIM steps."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, tooltip="Classifier-free guidance scale."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="ddim",
+                               tooltip="The host's samplers; 'ddim' is the paper's."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="ddim_uniform",
+                               tooltip="'ddim_uniform' gives DDIM's timesteps."),
+                io.Int.Input("lambda1", default=5, min=0, max=10000,
+                             tooltip="λ1: steps taken by the vanilla model. 5 for ordinary prompts, 3 for challenging "
+                                     "ones (L&R §4); 0 = personalized only, = steps: vanilla only."),
+            ],
+            outputs=[io.Latent.Output(display_name="layout", tooltip="The layout image's latent I_o.")],
+        )
+
+    @classmethod
+    def execute(cls, vanilla, personalized, vanilla_positive, vanilla_negative, personalized_positive,
+                personalized_negative, latent, seed, steps, cfg, sampler_name, scheduler, lambda1) -> io.NodeOutput:
+        if not 0 <= lambda1 <= steps:
+            raise ValueError(f"λ1 = {lambda1} is outside the {steps} steps: give 0 ≤ λ1 ≤ steps.")
+        out = latent
+        if lambda1 > 0:
+            out = host_nodes.common_ksampler(vanilla, seed, steps, cfg, sampler_name, scheduler, vanilla_positive,
+                                             vanilla_negative, out, start_step=0, last_step=lambda1,
+                                             force_full_denoise=lambda1 == steps)[0]
+        if lambda1 < steps:
+            out = host_nodes.common_ksampler(personalized, seed, steps, cfg, sampler_name, scheduler,
+                                             personalized_positive, personalized_negative, out,
+                                             disable_noise=lambda1 > 0, start_step=lambda1, last_step=steps,
+                                             force_full_denoise=True)[0]
+        return io.NodeOutput(out)
+
+
+def _swap_layers(layers, rule):
+    """'auto': the last 6/16 of the transformer blocks — MasaCtrl's layers 10–15 of SD1.5 (output blocks 6–11,
+    the decoder at 1/2 and full latent resolution), and blocks 44–69 of SDXL's 70 (MasaCtrl's SDXL start layer)."""
+    if not rule.strip():
+        return []
+    if rule.strip().lower() == "auto":
+        total = max(l.ordinal for l in layers) + 1
+        rule = f"#{round(total * 10 / 16)}-{total - 1}"
+    return select_layers(layers, rule, kind="self")
+
+
+def _stack(conditionings):
+    """One CONDITIONING entry whose batch holds one prompt per path (host notes §2.7: per-item prompts)."""
+    entries = [c[0] for c in conditionings]
+    if len({e[0].shape[1:] for e in entries}) != 1:
+        raise ValueError("the reference and target prompts encode to different token lengths: keep both under 75 tokens.")
+    extra = dict(entries[0][1])
+    if all("pooled_output" in e[1] for e in entries):
+        extra["pooled_output"] = torch.cat([e[1]["pooled_output"] for e in entries])
+    return [[torch.cat([e[0] for e in entries]), extra]]
+
+
+def _paper_steps(lambda2, blend_start, steps):
+    """-1 picks the paper's value (λ2 = 10, blend from step 31, of 50 steps) scaled to ``steps``."""
+    if lambda2 < 0:
+        lambda2 = round(PAPER_LAMBDA2 * steps / PAPER_STEPS)
+    if blend_start < 0:
+        blend_start = round((PAPER_BLEND_START - 1) * steps / PAPER_STEPS) + 1
+    return lambda2, blend_start
+
+
+class MultiSourceAttnSwap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MultiSourceAttnSwap",
+            display_name="Multi-Source Attention Swap (Layout-and-Retouch stage 2)",
+            category=CATEGORY,
+            description="L&R Algorithm 1: from the DDIM-inverted reference and layout, three paths run as one batch. The "
+                        "target copies the layout for λ2 steps, then takes self-attention keys/values from the reference "
+                        "(identity), and from the blend start its self-attention output is blended with the layout's "
+                        "through the adaptive mask. Invert both images with Null-Text Invert in 'ddim' mode, prompt ''.",
+            inputs=[
+                io.Model.Input("model", tooltip="The personalized model (the one that made the layout)."),
+                Inversion.Input("reference", tooltip="The reference image's DDIM inversion (empty prompt)."),
+                Inversion.Input("layout", tooltip="The layout image's DDIM inversion (empty prompt, same steps/scheduler)."),
+                io.Conditioning.Input("reference_positive", tooltip="y_r, the neutral prompt 'a photo of <token>': the "
+                                                                    "reference and target paths."),
+                io.Conditioning.Input("target_positive", tooltip="y_p, the full prompt: the layout path."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt of all paths."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="CFG of every path, each with its own cond/uncond halves (L&R does not state it; "
+                                       "MasaCtrl samples at 7.5 and swaps per half)."),
+                io.Int.Input("lambda2", default=-1, min=-1, max=10000,
+                             tooltip="λ2: steps (counted from the start) in which the target copies the layout; the "
+                                     "reference's K/V are used from step λ2+1. -1 = the paper's 10 of 50, scaled."),
+                io.Int.Input("blend_start", default=-1, min=-1, max=10001,
+                             tooltip="First step (counted from 1) of the mask blending. -1 = the paper's 31 of 50, scaled; "
+                                     "more than the step count = never."),
+                io.String.Input("swap_layers", default="auto",
+                                tooltip="Self-attention layers that take the reference's K/V. 'auto' = MasaCtrl's layers "
+                                        "10–15 of SD1.5 (the last 6/16 of the transformer blocks; blocks 44–69 on SDXL); "
+                                        "empty = none. " + RULE_HELP),
+                io.String.Input("blend_layers", default="auto",
+                                tooltip="Self-attention layers whose output is blended (the paper does not say; 'auto' = "
+                                        "the swap layers). " + RULE_HELP),
+                io.Clip.Input("clip", optional=True, tooltip="With prompt and words: builds the cross-attention mask M^c."),
+                io.String.Input("prompt", optional=True, multiline=True, default="",
+                                tooltip="y_p as text (the layout path's prompt), to locate the object words."),
+                io.String.Input("words", optional=True, default="",
+                                tooltip="Object words: M^c is the layout path's decoder cross-attention of these words "
+                                        "averaged over the steps before the blend start."),
+                io.Mask.Input("mask", optional=True, tooltip="A mask of the object in the layout image (e.g. SAM): joins "
+                                                             "M^c by OR (L&R's formula), or replaces it without words."),
+                io.Float.Input("mask_threshold", default=0.1, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Threshold of M^c (MasaCtrl's auto-mask uses 0.1)." + " Untuned for L&R."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The retouched target."),
+                io.Mask.Output(display_name="blend_mask", tooltip="The adaptive mask M used for blending (image size)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, reference, layout, reference_positive, target_positive, negative, cfg, lambda2,
+                blend_start, swap_layers, blend_layers, clip=None, prompt="", words="", mask=None,
+                mask_threshold=0.1) -> io.NodeOutput:
+        all_layers = host.unet_layers(model)
+        for inversion, name in ((reference, "the reference inversion"), (layout, "the layout inversion")):
+            require_same_model(inversion, model, name)
+        if not torch.equal(reference.sigmas, layout.sigmas):
+            raise ValueError("the reference and layout were inverted with different steps or schedulers: invert both "
+                             "with the same settings.")
+        if reference.trajectory.shape[-2:] != layout.trajectory.shape[-2:]:
+            raise ValueError(f"the reference ({tuple(reference.trajectory.shape[-2:])} latent) and the layout "
+                             f"({tuple(layout.trajectory.shape[-2:])}) differ in size: resize the reference image to "
+                             "the layout's size before inverting it (they run as one batch).")
+        sigmas = reference.sigmas
+        steps = len(sigmas) - 1
+        lambda2, blend_start = _paper_steps(lambda2, blend_start, steps)
+        if not 0 <= lambda2 <= steps or blend_start < 1:
+            raise ValueError(f"λ2 = {lambda2} and blend start = {blend_start} must lie in the {steps} steps "
+                             "(0 ≤ λ2 ≤ steps, blend start ≥ 1).")
+        swap = _swap_layers(all_layers, swap_layers)
+        blend = _swap_layers(all_layers, blend_layers)
+        height, width = (PIXELS_PER_LATENT * n for n in layout.trajectory.shape[-2:])
+        state = SwapState()
+        patched, store = cls._patch(model, all_layers, swap, blend, state, clip, prompt, words, blend_start)
+        if blend and blend_start <= steps and store is None and mask is None:
+            raise ValueError("blending needs a mask: give object words (with clip and prompt) and/or a MASK, or set "
+                             "blend_start beyond the step count.")
+        if mask is not None and abs(mask.shape[-1] / mask.shape[-2] - width / height) > 0.01:
+            raise ValueError(f"the MASK is {mask.shape[-1]}×{mask.shape[-2]} but the layout is {width}×{height}: "
+                             "give a mask of the layout image.")
+
+        def blend_mask():
+            soft = None
+            if store is not None:
+                snap = store.snapshot()
+                # the layout path only: steps up to λ2 ran two paths, later ones three
+                layout_only = Run(snap.sigmas, {k: v[LAYOUT:LAYOUT + 1] for k, v in snap.maps.items()})
+                soft = mean_map(layout_only, store.layers, snap.steps, (height, width))
+                soft = attention_mask(soft.amax(dim=1), mask_threshold)
+            cross = soft if soft is not None else torch.zeros(1, height, width)
+            return adaptive_mask(cross, None if mask is None else mask[:1].float(), size=(height, width))
+
+        preview = latent_preview.prepare_callback(model, steps)
+
+        def stage2(loop, x, sigmas):
+            """Algorithm 1; steps counted from 1. Steps ≤ λ2 run only [reference, layout]: the target equals the
+            layout then (same start, all attention from the layout), so computing it would change nothing."""
+            x_ref, x_lay, x_tgt, used = reference.trajectory[0].to(x), layout.trajectory[0].to(x), None, None
+            for i in range(steps):
+                check_interrupt()
+                step = i + 1
+                if step > lambda2 and x_tgt is None:
+                    x_tgt = x_lay
+                state.swap = x_tgt is not None and bool(swap)
+                if step == blend_start and blend:
+                    used = blend_mask()
+                    state.set_mask(used)
+                x_in = torch.cat([x_ref, x_lay] + ([x_tgt] if x_tgt is not None else []))
+                denoised = loop.cfg_denoise(x_in, sigmas[i])
+                x_next = x_in + (x_in - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+                x_ref, x_lay = x_next[:1], x_next[1:2]
+                x_tgt = x_next[2:] if x_tgt is not None else None
+                preview(i, denoised[-1:], x_next[-1:], steps)
+            return (x_lay if x_tgt is None else x_tgt), used
+
+        positive = _stack([reference_positive, target_positive, reference_positive])
+        out, used = run_loop(patched, positive, negative, torch.zeros_like(layout.trajectory[-1]), sigmas, stage2,
+                             cfg=cfg)
+        used = torch.zeros(1, height, width) if used is None else used
+        return io.NodeOutput({"samples": out}, used, ui=ui.PreviewMask(used, cls=cls))
+
+    @staticmethod
+    def _patch(model, all_layers, swap, blend, state, clip, prompt, words, blend_start):
+        """A clone with the swap and blend patches (chained onto existing ones) and, when words are given, a
+        recording capture of the decoder cross-attention over the steps before the blend start."""
+        store = None
+        patched = model.clone()
+        if words.strip():
+            if clip is None or not prompt.strip():
+                raise ValueError("object words need the clip and the prompt (y_p as text) to locate them.")
+            queries = parse_words(words)
+            positions, prompt_len = host.prompt_word_positions(clip, prompt, queries)
+            decoder = select_layers(all_layers, "decoder", kind="cross")   # decoder maps align best (P&D §3.1)
+            store = AttentionStore(queries, positions, prompt_len, decoder, lambda step, total: step < blend_start - 1)
+            patched = host.install_capture(model, store, decoder, [])
+        replaces = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+        for layer in swap:
+            previous = replaces.get(layer.key) or replaces.get(layer.key[:2])
+            patched.set_model_attn1_replace(self_attention_swap_patch(state, optimized_attention, previous), *layer.key)
+        if blend:
+            patched.set_model_attn1_output_patch(blend_output_patch({l.key for l in blend}, state))
+        return patched, store
+
+
+NODES = [StepBlendSampler, MultiSourceAttnSwap]

@@ -1,0 +1,158 @@
+"""Layout-and-Retouch nodes in the real host on the tiny SD1 model."""
+import copy
+import types
+
+import pytest
+import torch
+
+STEPS = 8
+Y_R, Y_P = "a photo of a sks dog", "a photo of a sks dog in the jungle"
+
+
+@pytest.fixture(scope="module")
+def env(host, pack):
+    import tiny_models
+    model, clip, vae = tiny_models.tiny_sd1()
+    personalized = model.clone()
+    key = next(k for k in personalized.model_state_dict() if k.endswith("attn2.to_v.weight"))
+    personalized.add_patches({key: (torch.randn_like(personalized.model_state_dict()[key]) * 0.5,)}, 1.0)
+    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    e = types.SimpleNamespace(lnr=pack("nodes.lnr"), inv=pack("nodes.inversion"), sampling=pack("nodes.sampling"),
+                              model=model, personalized=personalized, clip=clip, vae=vae, encode=encode, tiny=tiny_models)
+    e.images = [tiny_models.smooth_images(torch.Generator().manual_seed(s), 1, 64, 64).movedim(1, -1) for s in (7, 8)]
+    e.reference, e.layout = (invert(e, image) for image in e.images)
+    return e
+
+
+def invert(env, image, model=None, steps=STEPS):
+    with torch.inference_mode():
+        return env.inv.NullTextInvert.execute(model or env.personalized, env.clip, "", "ddim", steps, "normal", 7.5, 10,
+                                              1e-2, 1e-5, "", image=image, vae=env.vae).args[0]
+
+
+def stage2(env, lambda2=-1, blend_start=-1, swap="auto", blend="auto", words="", mask=None, **kw):
+    with torch.inference_mode():
+        out, used = env.lnr.MultiSourceAttnSwap.execute(
+            env.personalized, kw.get("reference", env.reference), kw.get("layout", env.layout), env.encode(Y_R),
+            env.encode(Y_P), env.encode(""), 7.5, lambda2, blend_start, swap, blend, env.clip, Y_P, words, mask, 0.1).args
+    return out["samples"], used
+
+
+def plain_from(env, x_T, prompt):
+    """Plain CFG Euler denoising of one path from its inverted latent, alone in its batch."""
+    def loop_fn(loop, x, sigmas):
+        x = x_T.to(x)
+        for i in range(len(sigmas) - 1):
+            x = x + (x - loop.cfg_denoise(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x, None
+    with torch.inference_mode():
+        out, _ = env.sampling.run_loop(env.personalized, env.encode(prompt), env.encode(""), torch.zeros_like(x_T),
+                                       env.reference.sigmas, loop_fn, cfg=7.5)
+    return out
+
+
+def test_step_blend_lambda1_extremes_equal_the_host_sampler(env):
+    import nodes
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    pos_v, pos_p, neg = env.encode("a photo of a dog"), env.encode(Y_P), env.encode("")
+
+    def blend(l1):
+        with torch.inference_mode():
+            return env.lnr.StepBlendSampler.execute(env.model, env.personalized, pos_v, neg, pos_p, neg, latent, 3, STEPS,
+                                                    7.5, "ddim", "ddim_uniform", l1).args[0]["samples"]
+
+    with torch.inference_mode():
+        vanilla = nodes.common_ksampler(env.model, 3, STEPS, 7.5, "ddim", "ddim_uniform", pos_v, neg, latent)[0]["samples"]
+        personal = nodes.common_ksampler(env.personalized, 3, STEPS, 7.5, "ddim", "ddim_uniform", pos_p, neg, latent)[0]["samples"]
+    assert torch.equal(blend(0), personal) and torch.equal(blend(STEPS), vanilla)
+    middle = blend(3)
+    assert (middle - personal).abs().max() > 1e-3 and (middle - vanilla).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="λ1 = 9 is outside"):
+        blend(STEPS + 1)
+
+
+def test_lambda2_at_the_step_count_gives_the_layout_path_as_a_separate_pass_would(env):
+    """Also the one-batch check: the layout path, batched with the reference, equals it run alone."""
+    out, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1)
+    alone = plain_from(env, env.layout.trajectory[0], Y_P)
+    torch.testing.assert_close(out, alone, atol=1e-3, rtol=1e-3)
+    assert (plain_from(env, env.reference.trajectory[0], Y_R) - alone).abs().max() > 1e-2, "the paths differ"
+
+
+def test_no_swap_no_blend_from_the_start_is_plain_denoising_of_the_layout_with_y_r(env):
+    ones = torch.ones(1, 64, 64)
+    out, used = stage2(env, lambda2=0, blend_start=1, swap="", mask=ones)
+    assert torch.equal(used, torch.ones(1, 64, 64)), "M = 1 everywhere"
+    torch.testing.assert_close(out, plain_from(env, env.layout.trajectory[0], Y_R), atol=1e-3, rtol=1e-3)
+
+
+def unskipped_reference(env, lambda2):
+    """Algorithm 1 written out without the skip: three paths every step; up to λ2 the target's self- and cross-attention
+    Q, K, V are the layout's (all layers); after it the target's self-attention K, V are the reference's (swap layers)."""
+    from comfy.ldm.modules.attention import optimized_attention
+    layers = env.lnr.host.unet_layers(env.personalized)
+    swap_keys = {l.key for l in env.lnr._swap_layers(layers, "auto")}
+    phase = {"copy": True}
+
+    def make(kind, key):
+        def patch(q, k, v, extra):
+            chunks = len(extra["cond_or_uncond"])
+            q, k, v = (t.reshape(chunks, 3, *t.shape[1:]).clone() for t in (q, k, v))
+            if phase["copy"]:
+                q[:, 2], k[:, 2], v[:, 2] = q[:, 1], k[:, 1], v[:, 1]
+            elif kind == "self" and key in swap_keys:
+                k[:, 2], v[:, 2] = k[:, 0], v[:, 0]
+            flat = lambda t: t.reshape(-1, *t.shape[2:])
+            return optimized_attention(flat(q), flat(k), flat(v), extra["n_heads"])
+        return patch
+    model = env.personalized.clone()
+    for l in layers:
+        (model.set_model_attn1_replace if l.kind == "self" else model.set_model_attn2_replace)(make(l.kind, l.key), *l.key)
+    positive = env.lnr._stack([env.encode(Y_R), env.encode(Y_P), env.encode(Y_R)])
+
+    def loop_fn(loop, x, sigmas):
+        x = torch.cat([env.reference.trajectory[0], env.layout.trajectory[0], env.layout.trajectory[0]]).to(x)
+        for i in range(len(sigmas) - 1):
+            phase["copy"] = i + 1 <= lambda2
+            x = x + (x - loop.cfg_denoise(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x[2:], None
+    with torch.inference_mode():
+        out, _ = env.sampling.run_loop(model, positive, env.encode(""), torch.zeros(1, 4, 8, 8), env.reference.sigmas,
+                                       loop_fn, cfg=7.5)
+    return out
+
+
+def test_skipping_the_redundant_target_path_changes_nothing(env):
+    ours, _ = stage2(env, lambda2=3, blend_start=STEPS + 1)
+    reference = unskipped_reference(env, 3)
+    torch.testing.assert_close(ours, reference, atol=1e-3, rtol=1e-3)
+    assert (ours - plain_from(env, env.layout.trajectory[0], Y_R)).abs().max() > 1e-3, "the swap does something"
+
+
+def test_auto_mask_same_input_same_image_and_the_model_is_untouched(env):
+    before = repr(copy.deepcopy(env.personalized.model_options)), repr(env.personalized.patches.keys())
+    a, mask_a = stage2(env, lambda2=2, blend_start=5, words="dog")
+    b, mask_b = stage2(env, lambda2=2, blend_start=5, words="dog")
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    assert mask_a.shape == (1, 64, 64) and 0 <= mask_a.min() and mask_a.max() <= 1 and mask_a.max() > 0
+    no_blend, _ = stage2(env, lambda2=2, blend_start=STEPS + 1)
+    assert (a - no_blend).abs().max() > 1e-4, "blending from step 5 changes the target"
+    assert (repr(copy.deepcopy(env.personalized.model_options)), repr(env.personalized.patches.keys())) == before
+
+
+def test_bad_inputs_are_refused(env):
+    with pytest.raises(ValueError, match="λ2 = 9 and blend start"):
+        stage2(env, lambda2=STEPS + 1)
+    with pytest.raises(ValueError, match="'cat' is not a word of the prompt"):
+        stage2(env, words="cat")
+    with pytest.raises(ValueError, match="blending needs a mask"):
+        stage2(env, words="")
+    with pytest.raises(ValueError, match="give a mask of the layout image"):
+        stage2(env, words="dog", mask=torch.ones(1, 64, 32))
+    small = invert(env, env.images[0][:, :32])
+    with pytest.raises(ValueError, match="differ in size"):
+        stage2(env, words="dog", reference=small)
+    with pytest.raises(ValueError, match="different model"):
+        stage2(env, words="dog", reference=invert(env, env.images[0], model=env.model))
+    with pytest.raises(ValueError, match="different steps or schedulers"):
+        stage2(env, words="dog", reference=invert(env, env.images[0], steps=STEPS + 2))
