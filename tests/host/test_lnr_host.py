@@ -156,3 +156,33 @@ def test_bad_inputs_are_refused(env):
         stage2(env, words="dog", reference=invert(env, env.images[0], model=env.model))
     with pytest.raises(ValueError, match="different steps or schedulers"):
         stage2(env, words="dog", reference=invert(env, env.images[0], steps=STEPS + 2))
+
+
+def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env):
+    """Stage 1 → decode → SAM → both inversions → stage 2, with a textual-inversion embedding as the personal concept."""
+    import json
+    import os
+    import pathlib
+    import folder_paths
+    import harness
+    from PIL import Image
+    from safetensors.torch import save_file
+    from test_masks_host import tiny_sam
+    save_file({"clip_l": torch.randn(2, 64, generator=torch.Generator().manual_seed(9))},
+              str(host.embeddings_dir / "sks_dog.safetensors"))
+    Image.fromarray((env.images[0][0].numpy() * 255).astype("uint8")).save(host.input_dir / "reference_dog.png")
+    sams = os.path.join(folder_paths.models_dir, "sams")
+    os.makedirs(sams, exist_ok=True)
+    torch.save(tiny_sam().state_dict(), os.path.join(sams, "sam_vit_b_01ec64.pth"))
+    workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / "layout_and_retouch.json").read_text())
+    for node in workflow["nodes"]:       # test-only: fewer steps on the tiny CPU models (the file keeps 50)
+        if node["type"] in ("StepBlendSampler", "NullTextInvert"):
+            node["widgets_values"][2] = STEPS
+    out = harness.run_workflow(workflow, latent_side=64)
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    latent, mask = out[by_type["MultiSourceAttnSwap"]]
+    assert latent["samples"].shape == (1, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
+    assert mask.shape == (1, 64, 64) and 0 <= mask.min() and mask.max() <= 1 and mask.max() >= 0.5
+    assert len(out.ui[by_type["SaveImage"]]["images"]) == 1, "the retouched image was saved"
+    sam_mask = out[by_type["SAMSegment"]][0]
+    assert sam_mask.shape == (1, 64, 64) and set(sam_mask.unique().tolist()) <= {0.0, 1.0}
