@@ -186,3 +186,18 @@ def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env
     assert len(out.ui[by_type["SaveImage"]]["images"]) == 1, "the retouched image was saved"
     sam_mask = out[by_type["SAMSegment"]][0]
     assert sam_mask.shape == (1, 64, 64) and set(sam_mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_layout_and_retouch_on_sdxl(env):
+    """Stage 2 on the tiny SDXL: pooled prompts stacked per path, 'auto' swap layers from SDXL's block count."""
+    model, clip, vae = env.tiny.tiny_sdxl()
+    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    with torch.inference_mode():
+        ref, lay = (env.inv.NullTextInvert.execute(model, clip, "", "ddim", STEPS, "normal", 7.5, 10, 1e-2, 1e-5, "",
+                                                   image=image, vae=vae).args[0] for image in env.images)
+        out, used = env.lnr.MultiSourceAttnSwap.execute(model, ref, lay, encode(Y_R), encode(Y_P), encode(""), 7.5, 2, 5,
+                                                        "auto", "auto", clip, Y_P, "dog", None, 0.1).args
+        swap = env.lnr._swap_layers(env.lnr.host.unet_layers(model), "auto")
+    total = max(l.ordinal for l in env.lnr.host.unet_layers(model)) + 1
+    assert [l.ordinal for l in swap] == list(range(round(total * 10 / 16), total))
+    assert torch.isfinite(out["samples"]).all() and used.shape == (1, 64, 64) and used.max() > 0
