@@ -1,0 +1,234 @@
+"""PALPTrainer in the real host, on the tiny SD1 model (methods.md §3)."""
+import os
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+SIDE = 64                     # pixels: an 8×8 latent
+# The tiny model's text conditioning moves its predictions little, so the paper's lr 5e-5 barely
+# changes anything in a few steps; 1e-2 shows what training does.
+TINY = dict(steps=8, learning_rate=1e-2, batch_size=2, gradient_accumulation=2, rank=4, resolution=SIDE,
+            checkpoint_every=4)
+
+
+def settings(**overrides):
+    base = dict(placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
+                target_prompt="a sketch of a dog in Paris", steps=500, learning_rate=5e-5, batch_size=1,
+                gradient_accumulation=32, rank=32, alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True,
+                rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=512, precision="fp32", seed=0,
+                save_name="palp_subject", overwrite=False, resume=False, checkpoint_every=100)
+    return {**base, **TINY, **overrides}
+
+
+def train(mod, sd1, images, **overrides):
+    model, clip, vae = sd1
+    with torch.inference_mode():
+        return mod.PALPTrainer.execute(model, clip, vae, images, **settings(**overrides)).args
+
+
+@pytest.fixture(scope="module")
+def mod(pack):
+    return pack("nodes.palp")
+
+
+@pytest.fixture(scope="module")
+def sd1(host):
+    import tiny_models
+    return tiny_models.tiny_sd1()
+
+
+@pytest.fixture(scope="module")
+def subject(host):
+    """Three smooth image-like subject images, [3, 64, 64, 3]."""
+    import tiny_models
+    return tiny_models.smooth_images(torch.Generator().manual_seed(3), n=3, height=SIDE, width=SIDE).movedim(1, -1)
+
+
+def snapshot(model):
+    return repr((model.model_options, model.patches, model.object_patches, model.weight_wrapper_patches,
+                 model.patches_uuid))
+
+
+def eps_losses(pack, model, clip, prompt, latents, pairs):
+    """Mean ‖ε_θ(x0 + σε, prompt) − ε‖² over fixed (σ, ε) pairs, through the host's own conds and model."""
+    sampling = pack("nodes.sampling")
+    encode = lambda text: [[clip.encode_from_tokens(clip.tokenize(text)), {}]]
+
+    def fn(loop, x, sigmas):
+        total = 0.0
+        for sigma, eps in pairs:
+            x_t = x + sigma * eps
+            total += (((x_t - loop.denoise(x_t, sigma)) / sigma - eps) ** 2).mean().item()
+        return x, total / len(pairs)
+
+    with torch.inference_mode():
+        return sampling.run_loop(model, encode(prompt), encode(""), latents, torch.tensor([1.0, 0.0]), fn)[1]
+
+
+@pytest.fixture(scope="module")
+def trained(host, mod, sd1, subject):
+    model, clip, vae = sd1
+    before = snapshot(model)
+    out_model, out_clip, curves = train(mod, sd1, subject, save_name="dog", steps=30)
+    return types.SimpleNamespace(model=out_model, clip=out_clip, curves=curves, before=before,
+                                 lora=host.base_dir / "models" / "loras" / "dog.safetensors",
+                                 embedding=host.embeddings_dir / "dog.safetensors")
+
+
+def test_training_lowers_the_personalization_loss_on_fixed_noise(pack, sd1, subject, trained):
+    model, clip, vae = sd1
+    with torch.inference_mode():
+        latents = vae.encode(subject)
+    gen = torch.Generator().manual_seed(11)
+    scaled = latents * 0.18215   # SD1 latent scale: the pairs' σ are in the model's space
+    pairs = [(s, torch.randn(scaled.shape, generator=gen)) for s in (0.3, 1.0, 3.0, 8.0)]
+    # the untrained start: LoRA up = 0 and the token = the class word's embedding
+    before = eps_losses(pack, model, clip, "a photo of dog", latents, pairs)
+    after = eps_losses(pack, trained.model, trained.clip, "a photo of embedding:dog", latents, pairs)
+    print(f"\npersonalization loss on 4 fixed (σ, ε): before {before:.5f}, after 30 steps {after:.5f}")
+    assert after < before * 0.97
+
+
+def test_the_saved_lora_through_the_hosts_loader_reproduces_the_trained_model(pack, sd1, trained):
+    import comfy.lora
+    import nodes
+    model, clip, _ = sd1
+    keys = list(load_file(trained.lora))
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    assert all(k.rsplit(".", 2 if k.endswith(".weight") else 1)[0] in key_map for k in keys)
+    # (up, down, alpha) × (q, k, v, out) × (attn1, attn2) × 10 transformer blocks (3 in, 1 middle, 6 out)
+    assert len(keys) == 3 * 4 * 2 * 10
+    with safe_open(str(trained.lora), framework="pt") as f:
+        assert '"alignment_weight": 1.0' in f.metadata()["palp_settings"]
+    with torch.inference_mode():
+        loaded, = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "dog.safetensors", 1.0)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    pairs = [(1.0, torch.randn(latents.shape, generator=torch.Generator().manual_seed(6)))]
+    ours = eps_losses(pack, trained.model, clip, "a photo of a dog", latents, pairs)
+    hosts = eps_losses(pack, loaded, clip, "a photo of a dog", latents, pairs)
+    base = eps_losses(pack, model, clip, "a photo of a dog", latents, pairs)
+    print(f"\nfixed-noise loss: trained MODEL {ours:.7f}, host-loaded LoRA {hosts:.7f}, base {base:.7f}")
+    assert ours == pytest.approx(hosts, rel=1e-5)
+    assert abs(ours - base) > 1e3 * abs(ours - hosts)
+
+
+def test_the_saved_embedding_loads_through_embedding_name(host, sd1, trained):
+    _, clip, _ = sd1
+    vector = load_file(trained.embedding)["clip_l"]
+    assert vector.shape == (1, 64)
+    with torch.inference_mode():
+        tokens = clip.tokenize("a photo of embedding:dog")
+        spliced = [t for t, _ in tokens["l"][0] if torch.is_tensor(t)]
+        by_name = clip.encode_from_tokens(tokens)
+        via_output = trained.clip.encode_from_tokens(trained.clip.tokenize("a photo of embedding:dog"))
+        class_word = clip.encode_from_tokens(clip.tokenize("a photo of dog"))
+    assert len(spliced) == 1 and torch.equal(spliced[0], vector[0])
+    assert torch.equal(by_name, via_output)
+    assert (by_name - class_word).abs().max().item() > 1e-4
+
+
+def test_the_callers_model_is_untouched_and_the_curves_are_drawn(sd1, trained):
+    assert snapshot(sd1[0]) == trained.before
+    assert trained.curves.shape == (1, 256, 512, 3)
+    assert 0.0 <= trained.curves.min().item() and trained.curves.max().item() <= 1.0
+
+
+def cancel_at(step):
+    """A progress hook that presses Cancel when the bar reaches ``step``."""
+    import comfy.model_management
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value == step:
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    return previous
+
+
+def test_cancel_keeps_a_valid_checkpoint_and_resume_continues_from_its_step(host, mod, sd1, subject):
+    import comfy.model_management
+    import comfy.utils
+    model = sd1[0]
+    before = snapshot(model)
+    train(mod, sd1, subject, save_name="whole", steps=6, checkpoint_every=0)
+    whole = load_file(host.base_dir / "models" / "loras" / "whole.safetensors")
+
+    previous = cancel_at(3)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(mod, sd1, subject, save_name="cut", steps=6, checkpoint_every=0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    checkpoint = host.output_dir / "palp" / "cut.checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as f:
+        assert f.metadata()["palp_step"] == "3"
+        assert f.get_tensor("curve.personalization").shape == (3,)
+    assert not (host.base_dir / "models" / "loras" / "cut.safetensors").exists()
+    assert not [p for p in os.listdir(checkpoint.parent) if p.endswith(".tmp")]
+    assert snapshot(model) == before
+
+    train(mod, sd1, subject, save_name="cut", steps=6, checkpoint_every=0, resume=True)
+    resumed = load_file(host.base_dir / "models" / "loras" / "cut.safetensors")
+    drift = max((resumed[k] - whole[k]).abs().max().item() for k in whole)
+    print(f"\nresumed at step 3 of 6 vs uninterrupted: max LoRA difference {drift:.2e}")
+    assert drift < 1e-6
+    assert max(whole[k].abs().max().item() for k in whole if "lora_up" in k) > 1e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(personalization_prompt="a photo of a dog"), "does not contain the placeholder"),
+    (dict(target_prompt="a sketch of [V]"), "clean prompt"),
+    (dict(save_name="dog"), "already exist"),
+    (dict(save_name="nothing", resume=True), "no checkpoint"),
+    (dict(timestep_min=0.5, timestep_max=0.5), "is empty"),
+])
+def test_refusals(mod, sd1, subject, trained, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(mod, sd1, subject, **overrides)
+
+
+def test_no_images_is_refused(mod, sd1, subject):
+    with pytest.raises(ValueError, match="no subject images"):
+        train(mod, sd1, subject[:0])
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(host, mod, sd1, subject):
+    with pytest.raises(ValueError, match="became nan"):
+        train(mod, sd1, subject, save_name="nan", learning_rate=1e30, steps=20, checkpoint_every=1)
+    with safe_open(str(host.output_dir / "palp" / "nan.checkpoint.safetensors"), framework="pt") as f:
+        step = int(f.metadata()["palp_step"])
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+    assert step >= 1
+
+
+@pytest.mark.parametrize("name", ["palp_subject_to_prompt.json", "palp_multi_subject_art.json"])
+def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
+    import json
+    import pathlib
+    import harness
+    from PIL import Image
+    for file, image in (("subject.png", subject[0]), ("art.png", subject[1])):
+        Image.fromarray((image.numpy() * 255).astype("uint8")).save(host.input_dir / file)
+    workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / name).read_text())
+    for node in workflow["nodes"]:      # test-only: a few tiny steps (the files keep the paper's settings)
+        if node["type"] == "PALPTrainer":
+            node["widgets_values"][4] = 3          # steps
+            node["widgets_values"][7] = 1          # gradient accumulation
+            node["widgets_values"][8] = 4          # rank
+            node["widgets_values"][16] = SIDE      # resolution
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = 3
+    out = harness.run_workflow(workflow, latent_side=SIDE)
+    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+    image = out[by_type["VAEDecode"]][0]
+    assert image.shape == (1, SIDE, SIDE, 3) and torch.isfinite(image).all()
+    curves = out[by_type["PALPTrainer"]][2]
+    assert curves.shape == (1, 256, 512, 3)
+    stem = "palp_cat_art" if "multi" in name else "palp_cat"
+    assert (host.base_dir / "models" / "loras" / f"{stem}.safetensors").exists()
+    assert (host.embeddings_dir / f"{stem}.safetensors").exists()
+    assert ("multi" in name) == (host.embeddings_dir / f"{stem}_2.safetensors").exists()
