@@ -19,6 +19,12 @@ def unet_layers(model) -> list[AttnLayer]:
     return enumerate_layers(model.get_model_object("diffusion_model"))
 
 
+def encode_text(clip, text: str):
+    """``(cond, pooled)`` of ``text`` as CLIPTextEncode computes them (pooled is None where a CLIP has none)."""
+    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+    return out["cond"], out.get("pooled_output")
+
+
 def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
     tokens, vectors = [], {}
     for chunk in chunks:

@@ -17,13 +17,13 @@ import re
 import torch
 from comfy_api.latest import io, ui
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import comfy.samplers
 import folder_paths
 
 from ..guidance.inversion import ddim_invert, null_text_invert, replay
 from . import host
+from .files import save_atomic
 from .sampling import fresh_weights, grad_enabled, progress, run_loop
 
 InversionType = io.Custom("INVERSION")
@@ -110,11 +110,6 @@ TENSOR_FIELDS = ("trajectory", "sigmas", "null_embeddings", "cond", "cond_pooled
 def conditioning(cond, pooled) -> list:
     """A CONDITIONING as CLIPTextEncode makes it."""
     return [[cond, {} if pooled is None else {"pooled_output": pooled}]]
-
-
-def _encode(clip, text):
-    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-    return out["cond"], out.get("pooled_output")
 
 
 # --- fingerprint -------------------------------------------------------------------------------
@@ -232,20 +227,11 @@ def inversion_path(save_name: str) -> str:
 
 def save_inversion(inversion: Inversion, path: str) -> None:
     """Write atomically (temp file + ``os.replace``): a reader never sees half a file, a failure leaves none."""
-    tensors = {k: getattr(inversion, k).detach().cpu().contiguous()
-               for k in TENSOR_FIELDS if getattr(inversion, k) is not None}
+    tensors = {k: getattr(inversion, k) for k in TENSOR_FIELDS if getattr(inversion, k) is not None}
     settings = {f.name: getattr(inversion, f.name) for f in dataclasses.fields(inversion)
                 if f.name not in TENSOR_FIELDS and f.name != "fingerprint"}
-    metadata = {"format": FILE_FORMAT, "settings": json.dumps(settings),
-                "fingerprint": json.dumps(inversion.fingerprint)}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    save_atomic(tensors, path, {"format": FILE_FORMAT, "settings": json.dumps(settings),
+                                "fingerprint": json.dumps(inversion.fingerprint)})
 
 
 def load_inversion(path: str) -> Inversion:
@@ -374,8 +360,8 @@ class NullTextInvert(io.ComfyNode):
         if samples.shape[0] != 1:
             raise ValueError(f"invert one reference at a time: the {'IMAGE' if image is not None else 'LATENT'} "
                              f"holds a batch of {samples.shape[0]}.")
-        cond, cond_pooled = _encode(clip, prompt)
-        uncond, uncond_pooled = _encode(clip, "")
+        cond, cond_pooled = host.encode_text(clip, prompt)
+        uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
         # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16), and fresh
         # weight copies so the null embedding's gradient can pass through the UNet

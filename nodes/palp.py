@@ -40,6 +40,8 @@ import comfy.utils
 import folder_paths
 
 from ..guidance.palp import palp_loss, palp_residual, personalization_loss, predicted_x0, renoise
+from . import host
+from .files import save_atomic
 from .inversion import conditioning
 from .sampling import check_interrupt, fresh_weights, grad_enabled, run_loop
 
@@ -217,18 +219,6 @@ class Paths:
     @property
     def results(self) -> list[str]:
         return [self.lora, *self.embeddings]
-
-
-def save_atomic(tensors: dict, path: str, metadata: dict) -> None:
-    """Write through a temp file and ``os.replace``: a reader never sees half a file, a failure leaves none."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def lora_state_dict(adapters: dict[str, LoRAAdapter]) -> dict[str, torch.Tensor]:
@@ -618,8 +608,8 @@ class PALPTrainer(io.ComfyNode):
         with torch.inference_mode(False):
             # normal tensors: autograd refuses to save inference tensors for backward
             subjects = [dataclasses.replace(s, latents=s.latents.clone()) for s in subjects]
-            positive = conditioning(*_encode(clip, target_prompt))
-            negative = conditioning(*_encode(clip, ""))
+            positive = conditioning(*(_clone(t) for t in host.encode_text(clip, target_prompt)))
+            negative = conditioning(*(_clone(t) for t in host.encode_text(clip, "")))
 
         def encode(tokens):
             spliced, _ = splice(tokens, vectors, towers_)
@@ -656,10 +646,9 @@ class PALPTrainer(io.ComfyNode):
         return io.NodeOutput(personalized, out_clip, curves, ui=ui.PreviewImage(curves, cls=cls))
 
 
-def _encode(clip, text):
-    out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
-    pooled = out.get("pooled_output")
-    return out["cond"].clone(), None if pooled is None else pooled.clone()
+def _clone(tensor):
+    # the training graph must not hold the executor's inference tensors
+    return None if tensor is None else tensor.clone()
 
 
 def _check(settings: Settings, specs) -> None:

@@ -244,7 +244,6 @@ def test_denoise_below_one_records_steps_by_sigma(sd1, pack):
 def test_sdxl_capture_records_every_depth(host, pack):
     import tiny_models
     model, clip, _ = tiny_models.tiny_sdxl()
-    import comfy.sample
     captured, store = capture(pack, model, clip, prompt="a corgi", words="corgi")
     pos, neg = conds(clip, "a corgi")
     plain, watched = sample(model, pos, neg, steps=2), sample(captured, pos, neg, steps=2)
