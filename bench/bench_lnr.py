@@ -38,7 +38,7 @@ def main():
 
     def ddim_inversion(samples):
         return inv.NullTextInvert.execute(model, clip, "", "ddim", args.steps, "ddim_uniform", 7.5, 10, 1e-2, 1e-5, "",
-                                          latent=samples).args[0]
+                                          latent=samples, reconstruct=False).args[0]
 
     def plain():
         with torch.inference_mode():

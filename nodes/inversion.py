@@ -258,11 +258,15 @@ def _denoiser(loop):
     return denoise
 
 
-def _invert_fn(mode, cfg, inner_steps, lr, early_stop):
-    """``run_loop``'s function: inversion, then the reconstruction at ``cfg`` (methods.md §1.1)."""
+def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
+    """``run_loop``'s function: inversion, then the reconstruction at ``cfg`` (methods.md §1.1).
+
+    Plain DDIM mode's reconstruction is a whole CFG sampling run; without ``reconstruct`` it is skipped
+    (the "reconstruction" is then the input itself and the error NaN).
+    """
     def fn(loop, x, sigmas):
         n = len(sigmas) - 1
-        bar = progress(n * (1 + (inner_steps if mode == NULL_TEXT else 1)))
+        bar = progress(n * (1 + (inner_steps if mode == NULL_TEXT else int(reconstruct))))
         denoise = _denoiser(loop)
         uncond = loop.context("negative")
         with grad_enabled():
@@ -273,11 +277,15 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop):
                 nti = null_text_invert(denoise, trajectory, sigmas, POSITIVE, uncond, cfg, inner_steps, lr,
                                        early_stop, on_step=lambda done, _: bar(n + done))
                 latent, nulls, losses = nti.latent, nti.null_embeddings, nti.losses
-            else:
+            elif reconstruct:
                 nulls = losses = None
                 latent = replay(denoise, trajectory[0], sigmas, POSITIVE, uncond.expand(n, *uncond.shape), cfg,
                                 on_step=lambda done, _: bar(n + done))[-1]
-        error = ((latent - trajectory[-1]).norm() / trajectory[-1].norm()).item()
+            else:
+                nulls = losses = None
+                latent = trajectory[-1]
+        error = ((latent - trajectory[-1]).norm() / trajectory[-1].norm()).item() if mode == NULL_TEXT or reconstruct \
+            else float("nan")
         cpu = [None if t is None else t.cpu() for t in (trajectory, sigmas, nulls, losses)]
         return latent, (*cpu, error)
     return fn
@@ -331,6 +339,11 @@ class NullTextInvert(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="The reference image (needs the VAE); or give a LATENT."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the IMAGE and decodes the reconstruction."),
                 io.Latent.Input("latent", optional=True, tooltip="The reference as a LATENT, instead of an IMAGE."),
+                io.Boolean.Input("reconstruct", default=True, optional=True,
+                                 tooltip="ddim mode: also sample the inverted latent back at this CFG to measure the "
+                                         "reconstruction (one more sampling run). Off: the outputs are the input and "
+                                         "error NaN — enough when only the inverted latent is needed "
+                                         "(Layout-and-Retouch). Null-text mode always reconstructs (free)."),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip="Inverted latent, pivot trajectory, null "
@@ -339,14 +352,15 @@ class NullTextInvert(io.ComfyNode):
                                                                        "with the null embeddings."),
                 io.Image.Output(display_name="reconstruction_image", tooltip="The reconstruction decoded (None "
                                                                             "without a VAE)."),
-                io.Float.Output(display_name="error", tooltip="‖reconstruction − input‖ / ‖input‖ in latent space."),
+                io.Float.Output(display_name="error", tooltip="‖reconstruction − input‖ / ‖input‖ in latent space "
+                                                              "(NaN when reconstruct is off)."),
             ],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, prompt, mode, steps, scheduler, cfg, inner_steps, lr, early_stop, save_name,
-                image=None, vae=None, latent=None) -> io.NodeOutput:
+                image=None, vae=None, latent=None, reconstruct=True) -> io.NodeOutput:
         host.unet_layers(model)        # refuses a DiT with a message: the inversion drives a UNet's cross-attention
         if (image is None) == (latent is None):
             raise ValueError("give the reference either as an IMAGE (with a VAE) or as a LATENT: "
@@ -368,7 +382,7 @@ class NullTextInvert(io.ComfyNode):
         worker = fresh_weights(model, torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,
-            _invert_fn(mode, cfg, inner_steps, lr, early_stop), cfg=cfg)
+            _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct), cfg=cfg)
         inversion = Inversion(
             mode=mode, trajectory=trajectory, sigmas=sigmas, null_embeddings=nulls, cond=cond, cond_pooled=cond_pooled,
             uncond=uncond, uncond_pooled=uncond_pooled, losses=losses, prompt=prompt, cfg=cfg, scheduler=scheduler,

@@ -20,14 +20,23 @@ def env(host, pack):
     e = types.SimpleNamespace(lnr=pack("nodes.lnr"), inv=pack("nodes.inversion"), sampling=pack("nodes.sampling"),
                               model=model, personalized=personalized, clip=clip, vae=vae, encode=encode, tiny=tiny_models)
     e.images = [tiny_models.smooth_images(torch.Generator().manual_seed(s), 1, 64, 64).movedim(1, -1) for s in (7, 8)]
-    e.reference, e.layout = (invert(e, image) for image in e.images)
+    e.reference, e.layout = (invert(e, image)[0] for image in e.images)
     return e
 
 
-def invert(env, image, model=None, steps=STEPS):
+def invert(env, image, model=None, steps=STEPS, reconstruct=False):
     with torch.inference_mode():
         return env.inv.NullTextInvert.execute(model or env.personalized, env.clip, "", "ddim", steps, "normal", 7.5, 10,
-                                              1e-2, 1e-5, "", image=image, vae=env.vae).args[0]
+                                              1e-2, 1e-5, "", image=image, vae=env.vae, reconstruct=reconstruct).args
+
+
+def test_inversion_without_reconstruction_has_the_same_trajectory(env):
+    full, quick = invert(env, env.images[0], reconstruct=True), invert(env, env.images[0])
+    assert torch.equal(full[0].trajectory, quick[0].trajectory)
+    assert quick[3] != quick[3] and 0 < full[3] < 1, "error: NaN when not measured"
+    with torch.inference_mode():
+        encoded = env.vae.encode(env.images[0][:, :, :, :3])
+    assert torch.allclose(quick[1]["samples"], encoded, atol=1e-5), "without reconstruction the output is the input"
 
 
 def stage2(env, lambda2=-1, blend_start=-1, swap="auto", blend="auto", words="", mask=None, **kw):
@@ -149,13 +158,13 @@ def test_bad_inputs_are_refused(env):
         stage2(env, words="")
     with pytest.raises(ValueError, match="give a mask of the layout image"):
         stage2(env, words="dog", mask=torch.ones(1, 64, 32))
-    small = invert(env, env.images[0][:, :32])
+    small = invert(env, env.images[0][:, :32])[0]
     with pytest.raises(ValueError, match="differ in size"):
         stage2(env, words="dog", reference=small)
     with pytest.raises(ValueError, match="different model"):
-        stage2(env, words="dog", reference=invert(env, env.images[0], model=env.model))
+        stage2(env, words="dog", reference=invert(env, env.images[0], model=env.model)[0])
     with pytest.raises(ValueError, match="different steps or schedulers"):
-        stage2(env, words="dog", reference=invert(env, env.images[0], steps=STEPS + 2))
+        stage2(env, words="dog", reference=invert(env, env.images[0], steps=STEPS + 2)[0])
 
 
 def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env):
