@@ -232,3 +232,19 @@ def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
     assert (host.base_dir / "models" / "loras" / f"{stem}.safetensors").exists()
     assert (host.embeddings_dir / f"{stem}.safetensors").exists()
     assert ("multi" in name) == (host.embeddings_dir / f"{stem}_2.safetensors").exists()
+
+
+def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
+    """The tiny SDXL: pooled/size conditioning, two text towers — the embedding file holds clip_l and clip_g."""
+    import comfy.sd
+    import tiny_models
+    sdxl = tiny_models.tiny_sdxl()
+    out_model, out_clip, curves = train(mod, sdxl, subject, save_name="dog_xl", steps=3, checkpoint_every=10)
+    vectors = load_file(str(host.embeddings_dir / "dog_xl.safetensors"))
+    assert set(vectors) == {"clip_l", "clip_g"} and all(torch.isfinite(v).all() for v in vectors.values())
+    assert vectors["clip_l"].shape[-1] == 32 and vectors["clip_g"].shape[-1] == 64
+    lora = comfy.utils.load_torch_file(str(host.base_dir / "models" / "loras" / "dog_xl.safetensors"))
+    with torch.inference_mode():
+        loaded, _ = comfy.sd.load_lora_for_models(sdxl[0], None, lora, 1.0, 0.0)
+    assert len(loaded.patches) == len({k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}) > 0
+    assert curves.shape[-1] == 3 and torch.isfinite(curves).all()
