@@ -213,3 +213,24 @@ def test_pick_and_draw_on_sdxl(env):
                                            encode(""), latent, disable_pbar=True)
     assert torch.equal(outs[0], plain)
     assert torch.isfinite(outs[1]).all() and (outs[1] - plain).abs().max() > 1e-2
+
+
+def test_pick_and_draw_drives_a_lora_patched_model(env):
+    """A LoRA-personalized MODEL (weight patches): the guided passes see the patched weights, η = 0 still equals Euler."""
+    import comfy.samplers
+    lora = env.model.clone()
+    for key in [k for k in lora.model_state_dict() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]:
+        lora.add_patches({key: (torch.randn(lora.model_state_dict()[key].shape, generator=torch.Generator().manual_seed(2)) * 0.3,)}, 1.0)
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    with torch.inference_mode():
+        inversion = env.inversion.NullTextInvert.execute(lora, env.clip, REF_PROMPT, "ddim", 10, "ddim_uniform", 7.5, 10,
+                                                         1e-2, 1e-5, "", image=reference_image(env), vae=env.vae,
+                                                         reconstruct=False).args[0]
+        appearance = env.pnd.UREMDGuidance.execute(lora, inversion, env.clip, "sks dog", 0.5, "auto", 0.2, 0.4, 1.0).args[0]
+        outs = [sample_custom(m, s, sigmas, latent, env) for m, s in
+                [env.pnd.PickAndDrawSampler.execute(lora, env.clip, PROMPT, "dog", eta, True, appearance).args
+                 for eta in (0.0, 0.5)]]
+    plain_lora = sample_custom(lora, comfy.samplers.sampler_object("euler"), sigmas, latent, env)
+    plain_base = sample_custom(env.model, comfy.samplers.sampler_object("euler"), sigmas, latent, env)
+    assert torch.equal(outs[0], plain_lora) and (plain_lora - plain_base).abs().max() > 1e-3
+    assert torch.isfinite(outs[1]).all() and (outs[1] - plain_lora).abs().max() > 1e-3
