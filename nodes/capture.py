@@ -12,7 +12,6 @@ from . import host
 
 AttnStore = io.Custom("ATTN_STORE")
 CATEGORY = "personalize/attention"
-PIXELS_PER_LATENT = 8   # SD1.x / SD2.x / SDXL VAEs
 
 
 class AttentionCapture(io.ComfyNode):
@@ -98,7 +97,7 @@ class AttentionMaps(io.ComfyNode):
         grids = [map_grid(run, store.layers, run.steps, w, b, which, cell)
                  for b in range(samples.shape[0]) for w in range(len(store.words))]
         layers = select_layers(store.layers, mask_layers, kind="cross")
-        size = (samples.shape[-2] * PIXELS_PER_LATENT, samples.shape[-1] * PIXELS_PER_LATENT)
+        size = (samples.shape[-2] * host.PIXELS_PER_LATENT, samples.shape[-1] * host.PIXELS_PER_LATENT)
         mask = attention_mask(mean_map(run, layers, run.steps, size, which), mask_threshold)
         grid = torch.stack(grids)
         return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))

@@ -12,6 +12,8 @@ from ..attention.store import AttentionStore
 from ..attention.tokens import Token, embedding_names, word_positions
 
 WRAPPER_KEY = "comfyui_personalize"
+PIXELS_PER_LATENT = 8   # the SD1.x / SD2.x / SDXL VAEs
+UNTUNED = " Untuned starting point: no paper gives a value."
 
 
 def unet_layers(model) -> list[AttnLayer]:

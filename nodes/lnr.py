@@ -16,12 +16,10 @@ from ..attention.swap import LAYOUT, SwapState, blend_output_patch, self_attenti
 from ..attention.tokens import parse_words
 from ..guidance.masks import adaptive_mask, attention_mask
 from . import host
-from .inversion import require_same_model
+from .inversion import InversionType, require_same_model
 from .sampling import check_interrupt, run_loop
 
 CATEGORY = "personalize/layout-and-retouch"
-Inversion = io.Custom("INVERSION")
-PIXELS_PER_LATENT = 8
 PAPER_STEPS, PAPER_LAMBDA2, PAPER_BLEND_START = 50, 10, 31   # L&R App. B.1, steps counted from the start
 
 
@@ -121,8 +119,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
                         "through the adaptive mask. Invert both images with Null-Text Invert in 'ddim' mode, prompt ''.",
             inputs=[
                 io.Model.Input("model", tooltip="The personalized model (the one that made the layout)."),
-                Inversion.Input("reference", tooltip="The reference image's DDIM inversion (empty prompt)."),
-                Inversion.Input("layout", tooltip="The layout image's DDIM inversion (empty prompt, same steps/scheduler)."),
+                InversionType.Input("reference", tooltip="The reference image's DDIM inversion (empty prompt)."),
+                InversionType.Input("layout", tooltip="The layout image's DDIM inversion (empty prompt, same steps/scheduler)."),
                 io.Conditioning.Input("reference_positive", tooltip="y_r, the neutral prompt 'a photo of <token>': the "
                                                                     "reference and target paths."),
                 io.Conditioning.Input("target_positive", tooltip="y_p, the full prompt: the layout path."),
@@ -182,7 +180,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
                              "(0 ≤ λ2 ≤ steps, blend start ≥ 1).")
         swap = _swap_layers(all_layers, swap_layers)
         blend = _swap_layers(all_layers, blend_layers)
-        height, width = (PIXELS_PER_LATENT * n for n in layout.trajectory.shape[-2:])
+        height, width = (host.PIXELS_PER_LATENT * n for n in layout.trajectory.shape[-2:])
         state = SwapState()
         patched, store = cls._patch(model, all_layers, swap, blend, state, clip, prompt, words, blend_start)
         if blend and blend_start <= steps and store is None and mask is None:

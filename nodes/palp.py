@@ -53,7 +53,6 @@ CHECKPOINT_FORMAT = "comfyui-personalize.palp-checkpoint/1"
 ATTENTION_PROJECTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PREVIEW_EVERY = 10                 # steps between loss-curve previews on the progress bar
-UNTUNED = " Untuned: the paper gives no value."
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +498,7 @@ class PALPTrainer(io.ComfyNode):
                                        "7.5 otherwise). At 1.0 one UNet pass per step is saved."),
                 io.Float.Input("alignment_weight", default=1.0, min=0.0, max=100.0, step=0.05,
                                tooltip="Weight of the prompt-alignment term against the personalization MSE; 0 "
-                                       "trains plain LoRA + token." + UNTUNED),
+                                       "trains plain LoRA + token." + host.UNTUNED),
                 io.Boolean.Input("same_noise", default=True,
                                  tooltip="Re-noise x̂_0 with the ε that made x_t (paper §4.4: aligns better than "
                                          "fresh noise)."),
@@ -508,10 +507,10 @@ class PALPTrainer(io.ComfyNode):
                                          "alike (paper §4.4)."),
                 io.Float.Input("timestep_min", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Lowest training timestep as a fraction of the schedule (0 = least noise)."
-                                       + UNTUNED),
+                                       + host.UNTUNED),
                 io.Float.Input("timestep_max", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Highest training timestep as a fraction of the schedule (1 = most noise)."
-                                       + UNTUNED),
+                                       + host.UNTUNED),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Training side in pixels (SD1.x: 512, SDXL: 1024)."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",

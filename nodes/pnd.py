@@ -14,15 +14,13 @@ from ..attention.store import AttentionStore
 from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
-from .inversion import require_same_model
+from .inversion import InversionType, require_same_model
 from .sampling import Loop, fresh_weights, grad_enabled, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PND_APPEARANCE")
 Layout = io.Custom("PND_LAYOUT")
-Inversion = io.Custom("INVERSION")
 MARK = "comfyui_personalize_pnd"
-UNTUNED = " Untuned starting point: no paper gives a value."
 
 
 def _window_inputs(default):
@@ -75,19 +73,19 @@ class UREMDGuidance(io.ComfyNode):
                         "Pick-and-Draw Sampler.",
             inputs=[
                 io.Model.Input("model", tooltip="The personalized model (the one you sample with)."),
-                Inversion.Input("inversion", tooltip="The reference image's inversion (NullTextInvert / LoadInversion)."),
+                InversionType.Input("inversion", tooltip="The reference image's inversion (NullTextInvert / LoadInversion)."),
                 io.Clip.Input("clip", tooltip="Locates the subject word in the inversion's source prompt."),
                 io.String.Input("subject", default="dog",
                                 tooltip="The subject word in the reference's source prompt (e.g. 'dog' or 'sks dog')."),
                 io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="τ: feature positions whose normalised subject attention Â ≥ τ form the palette "
-                                       "and the generated set (P&D Eq. 3)." + UNTUNED),
+                                       "and the generated set (P&D Eq. 3)." + host.UNTUNED),
                 io.String.Input("layers", default="auto",
                                 tooltip="Layers whose features are matched. 'auto' = decoder cross-attention at 1/2 of the "
                                         "latent on SD1.x (P&D's 32×32 at 512², Table 2), 1/4 on SDXL. " + RULE_HELP),
                 *_window_inputs(APPEARANCE_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9)." + UNTUNED),
+                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9)." + host.UNTUNED),
             ],
             outputs=[Appearance.Output(display_name="appearance")],
         )
@@ -149,7 +147,7 @@ class LayoutGuidance(io.ComfyNode):
                                         "separately. " + RULE_HELP),
                 *_window_inputs(LAYOUT_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9)." + UNTUNED),
+                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9)." + host.UNTUNED),
                 io.Int.Input("kernel_size", default=3, min=1, max=15, step=2,
                              tooltip="Gaussian smoothing G of the maps (Attend-and-Excite's default; P&D gives none)."),
                 io.Float.Input("smooth_sigma", default=0.5, min=0.05, max=10.0, step=0.05,
@@ -239,7 +237,7 @@ class PickAndDrawSampler(io.ComfyNode):
                                 tooltip="The subject word in the generation prompt (its maps are matched)."),
                 io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01,
                                tooltip="η_g. With 'normalise' on, how far (RMS, in the unit-variance latent) each guided "
-                                       "step moves every image; 0 = plain Euler/DDIM sampling." + UNTUNED),
+                                       "step moves every image; 0 = plain Euler/DDIM sampling." + host.UNTUNED),
                 io.Boolean.Input("normalise", default=True,
                                  tooltip="On: scale-free step η·∇/RMS(∇). Off: the paper's literal z ← z − η∇ℓ "
                                          "(η then carries the loss scale)."),
