@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import interleaved, load, sd15_unet
+from common import interleaved, load
 
 
 def main():
@@ -27,13 +27,13 @@ def main():
     from comfyui_personalize.attention.store import AttentionStore
     from comfyui_personalize.nodes import host
 
+    import tiny_models
     if args.size == "tiny":
-        import tiny_models
         model, clip, _ = tiny_models.tiny_sd1()
-        context, uncontext = (clip.encode_from_tokens(clip.tokenize(t)) for t in ("a photo of a dog", ""))
     else:
-        model = sd15_unet(args.device)
-        context, uncontext = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
+        model, clip, _ = tiny_models.sd15_sized(torch.float16 if args.device == "cuda" else torch.float32)
+    with torch.inference_mode():
+        context, uncontext = (clip.encode_from_tokens(clip.tokenize(t)) for t in ("a photo of a dog", ""))
     side = (args.res or (128 if args.size == "tiny" else 512)) // 8
     layers = select_layers(host.unet_layers(model), "cross", kind="cross")
     store = AttentionStore(["dog"], [(5,)], 77, layers, offload_device=torch.device("cpu"))

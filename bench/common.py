@@ -30,28 +30,6 @@ def load(device: str):
     return sys.modules[PACKAGE]
 
 
-def sd15_unet(device: str):
-    """An SD1.5-size UNet (the host's SD15 config) with random weights, fp16 on a GPU: for speed and memory only."""
-    import torch
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-    config = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, in_channels=4,
-                  out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                  transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-                  transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, adm_in_channels=None,
-                  use_temporal_resblock=False, use_temporal_attention=False, num_heads=8, num_head_channels=-1)
-    cfg = comfy.supported_models.SD15(config)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    cfg.set_inference_dtype(dtype, None)
-    base = comfy.model_base.BaseModel(cfg, device=torch.device(device))
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.normal_(0, 0.02)
-    base.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device("cpu"))
-
-
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median wall seconds of each callable, run in turn (A B A B …) so drift hits all alike."""
     times = {name: [] for name in fns}

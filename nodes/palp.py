@@ -43,6 +43,7 @@ from ..guidance.palp import palp_loss, palp_residual, personalization_loss, pred
 from . import host
 from .files import save_atomic
 from .inversion import conditioning
+from .checkpointing import with_gradient_checkpointing
 from .sampling import check_interrupt, fresh_weights, grad_enabled, run_loop
 
 CATEGORY = "personalize/palp"
@@ -244,7 +245,7 @@ class Subject:
 
 @dataclasses.dataclass
 class Settings:
-    """What a run was trained with; stored in every file's metadata and checked on resume."""
+    """What a run was trained with (the maths; not how memory was saved), stored in every file's metadata."""
 
     placeholders: list[str]
     class_words: list[str]
@@ -516,6 +517,9 @@ class PALPTrainer(io.ComfyNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
                                tooltip="UNet compute dtype while training; LoRA, token and optimizer stay fp32. "
                                        "bf16 halves activation memory."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute each UNet block's activations during backward instead of keeping "
+                                         "them: much less memory for a slower step (bench/RESULTS.md). Same result."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF,
                              tooltip="Seeds the LoRA init and every draw of image, timestep and noise."),
                 io.String.Input("save_name", default="palp_subject",
@@ -550,8 +554,8 @@ class PALPTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, placeholder, class_word, personalization_prompt, target_prompt, steps,
                 learning_rate, batch_size, gradient_accumulation, rank, alpha, beta, alignment_weight, same_noise,
-                rescale, timestep_min, timestep_max, resolution, precision, seed, save_name, overwrite, resume,
-                checkpoint_every, images_2=None, placeholder_2="[V2]", class_word_2="painting",
+                rescale, timestep_min, timestep_max, resolution, precision, gradient_checkpointing, seed, save_name,
+                overwrite, resume, checkpoint_every, images_2=None, placeholder_2="[V2]", class_word_2="painting",
                 personalization_prompt_2="an oil painting of [V2]") -> io.NodeOutput:
         specs = [(images, placeholder, class_word, personalization_prompt)]
         if images_2 is not None:
@@ -585,6 +589,8 @@ class PALPTrainer(io.ComfyNode):
                 log.info("PALP: resuming %s at step %d of %d", paths.checkpoint, state.step, steps)
 
         worker = fresh_weights(model, PRECISIONS[precision])
+        if gradient_checkpointing:
+            worker = with_gradient_checkpointing(worker)
         for name, adapter in adapters.items():
             worker.add_weight_wrapper(f"{name}.weight", adapter)
         text_worker = clip.clone()
@@ -626,9 +632,11 @@ class PALPTrainer(io.ComfyNode):
         try:
             run_loop(worker, positive, negative, latent_format.process_out(first), torch.tensor([1.0, 0.0]), trainer)
         except comfy.model_management.OOM_EXCEPTION as e:
-            raise ValueError(f"out of memory while training at {resolution}px, batch {batch_size}, rank {rank}: lower "
-                             "batch_size (raise gradient_accumulation to keep the effective batch), resolution or "
-                             "rank, or use precision bf16.") from e
+            lighter = [] if gradient_checkpointing else ["turn gradient_checkpointing on"]
+            lighter += [] if precision == "bf16" else ["use precision bf16"]
+            raise ValueError(f"out of memory while training at {resolution}px, batch {batch_size}, rank {rank}: "
+                             + "; ".join(lighter + ["lower batch_size (raise gradient_accumulation to keep the "
+                                                    "effective batch), resolution or rank"]) + ".") from e
 
         metadata = settings.metadata(state.step)
         save_atomic(lora_state_dict(adapters), paths.lora, {"format": LORA_FORMAT, **metadata})

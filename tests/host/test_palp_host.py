@@ -18,7 +18,8 @@ def settings(**overrides):
     base = dict(placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
                 target_prompt="a sketch of a dog in Paris", steps=500, learning_rate=5e-5, batch_size=1,
                 gradient_accumulation=32, rank=32, alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True,
-                rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=512, precision="fp32", seed=0,
+                rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=512, precision="fp32",
+                gradient_checkpointing=False, seed=0,
                 save_name="palp_subject", overwrite=False, resume=False, checkpoint_every=100)
     return {**base, **TINY, **overrides}
 
@@ -191,6 +192,13 @@ def test_refusals(mod, sd1, subject, trained, overrides, message):
         train(mod, sd1, subject, **overrides)
 
 
+def test_alpha_not_above_beta_warns_and_still_trains(host, mod, sd1, subject, caplog):
+    with caplog.at_level("WARNING"):
+        train(mod, sd1, subject, save_name="low_alpha", steps=1, gradient_accumulation=1, alpha=1.0, beta=1.0)
+    assert any("α = 1 ≤ β = 1" in r.getMessage() for r in caplog.records)
+    assert (host.base_dir / "models" / "loras" / "low_alpha.safetensors").exists()
+
+
 def test_no_images_is_refused(mod, sd1, subject):
     with pytest.raises(ValueError, match="no subject images"):
         train(mod, sd1, subject[:0])
@@ -203,6 +211,53 @@ def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(host, mod, sd1, subject)
         step = int(f.metadata()["palp_step"])
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
     assert step >= 1
+
+
+def first_losses(host, name):
+    with safe_open(str(host.output_dir / "palp" / f"{name}.checkpoint.safetensors"), framework="pt") as f:
+        return f.get_tensor("curve.personalization"), f.get_tensor("curve.alignment")
+
+
+def test_gradient_checkpointing_trains_the_same_lora(host, mod, sd1, subject):
+    train(mod, sd1, subject, save_name="gc_off", steps=3, checkpoint_every=1)
+    checkpointed = train(mod, sd1, subject, save_name="gc_on", steps=3, checkpoint_every=1,
+                         gradient_checkpointing=True)
+    loras = [load_file(host.base_dir / "models" / "loras" / f"{n}.safetensors") for n in ("gc_off", "gc_on")]
+    drift = max((loras[0][k] - loras[1][k]).abs().max().item() for k in loras[0])
+    print(f"\nLoRA after 3 steps, checkpointed vs not: max difference {drift:.2e}")
+    assert drift < 1e-5
+    for a, b in zip(first_losses(host, "gc_off"), first_losses(host, "gc_on")):
+        assert torch.allclose(a, b, rtol=1e-5)
+    assert "gradient_checkpointing" not in str(checkpointed[0].wrappers)    # training only, not generation
+
+
+def test_bf16_trains_with_finite_losses_close_to_fp32(host, mod, sd1, subject):
+    train(mod, sd1, subject, save_name="fp32", steps=2, checkpoint_every=1)
+    train(mod, sd1, subject, save_name="bf16", steps=2, checkpoint_every=1, precision="bf16")
+    fp32, bf16 = first_losses(host, "fp32"), first_losses(host, "bf16")
+    print(f"\nfirst-step losses (personalization, alignment): fp32 {[c[0].item() for c in fp32]}, "
+          f"bf16 {[c[0].item() for c in bf16]}")
+    for a, b in zip(fp32, bf16):
+        assert torch.isfinite(b).all()
+        assert b[0].item() == pytest.approx(a[0].item(), rel=0.05)
+    lora = load_file(host.base_dir / "models" / "loras" / "bf16.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_up" in k) > 0
+
+
+def test_out_of_memory_says_what_to_lower(host, mod, sd1, subject):
+    """A CUDA OOM raised inside the UNet (here by an attention patch on the caller's model) becomes advice."""
+    model, clip, vae = sd1
+    greedy = model.clone()
+
+    def out_of_memory(q, k, v, extra_options):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    greedy.set_model_attn1_patch(out_of_memory)
+    with pytest.raises(ValueError, match="out of memory") as error:
+        train(mod, (greedy, clip, vae), subject, save_name="oom")
+    message = str(error.value)
+    assert "gradient_checkpointing on" in message and "bf16" in message and "batch_size" in message
+    assert not (host.base_dir / "models" / "loras" / "oom.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["palp_subject_to_prompt.json", "palp_multi_subject_art.json"])

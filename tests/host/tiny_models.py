@@ -89,6 +89,21 @@ SDXL_UNET = {
     "adm_in_channels": SDXL_CLIP_G["hidden_size"] + 6 * 256,
 }
 _TINY_HEADS = {"num_heads": 2, "num_head_channels": -1}
+# the real SD1.5 UNet (860M parameters, 8 heads), for speed and memory measurements only
+SD15_UNET = {
+    **_UNET_COMMON,
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4, 4],
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "adm_in_channels": None,
+    "num_heads": 8,
+    "num_head_channels": -1,
+}
 
 CROSS_ATTN_OUT_SCALE = 0.1
 UNET_OUT_SCALE = 0.1
@@ -138,6 +153,20 @@ def tiny_sdxl(seed: int = 0):
 
 
 @functools.cache
+def sd15_sized(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` the size of SD1.5 (the real UNet and CLIP-L shapes, random weights; TAESD).
+
+    For speed and memory measurements: its pictures mean nothing. ``dtype`` is the UNet's (fp16 on a GPU).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        model = _unet(comfy.model_base.BaseModel, comfy.supported_models.SD15(SD15_UNET), gen, dtype)
+        clip = _clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {}, gen)
+        vae = _vae(model.model.latent_format.scale_factor, gen)
+    return model, clip, vae
+
+
+@functools.cache
 def _build(kind: str, seed: int):
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -171,10 +200,10 @@ def init_weights(module: torch.nn.Module, gen: torch.Generator) -> None:
                 raise ValueError(f"no init rule for parameter {name} {tuple(param.shape)} of {type(sub).__name__}")
 
 
-def _unet(model_class, config, gen):
-    config.set_inference_dtype(torch.float32, None)
-    device = comfy.model_management.get_torch_device()
-    model = model_class(config, model_type=comfy.model_base.ModelType.EPS, device=device)
+def _unet(model_class, config, gen, dtype=torch.float32):
+    config.set_inference_dtype(dtype, None)
+    # built on the CPU (the seeded generator is a CPU one); the host moves it to its device to sample
+    model = model_class(config, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
     unet = model.diffusion_model
     init_weights(unet, gen)
     for sub in unet.modules():
@@ -182,7 +211,8 @@ def _unet(model_class, config, gen):
             sub.attn2.to_out[0].weight.mul_(CROSS_ATTN_OUT_SCALE)
     unet.out[-1].weight.mul_(UNET_OUT_SCALE)
     return comfy.model_patcher.ModelPatcher(
-        model, load_device=device, offload_device=comfy.model_management.unet_offload_device()
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device()
     )
 
 

@@ -1,0 +1,108 @@
+"""Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost") of the
+host's SD1.x / SDXL UNet, installed on one ModelPatcher clone.
+
+Why not the host's own flags: ``UNetModel``'s ResBlocks take ``use_checkpoint``, but it is an attribute
+of modules every clone shares, its ``CheckpointFunction`` differentiates only w.r.t.
+``module.parameters()`` (so a LoRA reaching the forward through weight wrappers would get no
+gradient), and transformer blocks have no checkpointing at all.
+
+What this does instead: a DIFFUSION_MODEL wrapper (the host's hook for replacing the diffusion
+model's forward on one patcher) runs ``UNetModel._forward``'s block sequence itself and passes each
+block through ``torch.utils.checkpoint`` (non-reentrant, which differentiates w.r.t. whatever the
+recomputation reads, wrapped weights included). Only block inputs and outputs are kept for backward;
+everything inside a block is recomputed. Each block still runs through the host's
+``forward_timestep_embed``, with the host's emb/block patches and ControlNet residuals applied between
+blocks where ``_forward`` applies them, so outputs are bit-identical to the unwrapped forward.
+
+Patches inside a block (attention replaces, weight wrappers) run twice under gradient: once forward,
+once in backward's recomputation.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.utils.checkpoint
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules import openaimodel
+
+KEY = "comfyui-personalize.gradient_checkpointing"
+
+log = logging.getLogger(__name__)
+
+
+def _block_function(block, options: dict, block_id: tuple, transformer_index: int, output_shape):
+    def run(h, emb, context):
+        # a private copy of the options, so backward's recomputation sees the block and transformer
+        # index of the first run (forward_timestep_embed advances the index in place)
+        private = {**options, "block": block_id, "transformer_index": transformer_index}
+        return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
+    return run
+
+
+def _reproducible(unet, kwargs) -> bool:
+    """Whether the wrapper reproduces this call: an image UNet (SD1.x/SDXL), no video inputs."""
+    return (isinstance(unet, openaimodel.UNetModel) and not kwargs and not unet.use_temporal_resblocks
+            and not unet.predict_codebook_ids)
+
+
+@functools.cache
+def _warn_unsupported(model_name: str) -> None:
+    log.warning("gradient checkpointing supports SD1.x/SDXL image UNets only; training %s without it", model_name)
+
+
+def checkpointed_unet(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                      **kwargs):
+    """The DIFFUSION_MODEL wrapper: ``UNetModel._forward`` with every block checkpointed (under grad only)."""
+    unet = executor.class_obj
+    if not torch.is_grad_enabled():
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    if not _reproducible(unet, kwargs):
+        _warn_unsupported(type(unet).__name__)
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    options = transformer_options
+    options["original_shape"] = list(x.shape)
+    options["transformer_index"] = 0
+    patches = options.get("patches", {})
+    emb = unet.time_embed(openaimodel.timestep_embedding(timesteps, unet.model_channels).to(x.dtype))
+    for patch in patches.get("emb_patch", []):
+        emb = patch(emb, unet.model_channels, options)
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+
+    def block(module, block_id, h, output_shape=None):
+        options["block"] = block_id
+        run = _block_function(module, options, block_id, options["transformer_index"], output_shape)
+        h = torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False)
+        options["transformer_index"] += sum(isinstance(layer, SpatialTransformer) for layer in module)
+        return h
+
+    h, skips = x, []
+    for i, module in enumerate(unet.input_blocks):
+        h = openaimodel.apply_control(block(module, ("input", i), h), control, "input")
+        for patch in patches.get("input_block_patch", []):
+            h = patch(h, options)
+        skips.append(h)
+        for patch in patches.get("input_block_patch_after_skip", []):
+            h = patch(h, options)
+    if unet.middle_block is not None:
+        h = block(unet.middle_block, ("middle", 0), h)
+    h = openaimodel.apply_control(h, control, "middle")
+    for i, module in enumerate(unet.output_blocks):
+        options["block"] = ("output", i)
+        skip = openaimodel.apply_control(skips.pop(), control, "output")
+        for patch in patches.get("output_block_patch", []):
+            h, skip = patch(h, skip, options)
+        h = block(module, ("output", i), torch.cat([h, skip], dim=1), skips[-1].shape if skips else None)
+    return unet.out(h.type(x.dtype))
+
+
+def with_gradient_checkpointing(model):
+    """A clone of ``model`` whose UNet forward is checkpointed block by block whenever grad is enabled."""
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, checkpointed_unet)
+    return patched
