@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import interleaved, load
+from common import interleaved, load, models, synchronized
 
 
 def main():
@@ -27,11 +27,7 @@ def main():
     from comfyui_personalize.attention.store import AttentionStore
     from comfyui_personalize.nodes import host
 
-    import tiny_models
-    if args.size == "tiny":
-        model, clip, _ = tiny_models.tiny_sd1()
-    else:
-        model, clip, _ = tiny_models.sd15_sized(torch.float16 if args.device == "cuda" else torch.float32)
+    model, clip, _ = models(args.size, args.device)
     with torch.inference_mode():
         context, uncontext = (clip.encode_from_tokens(clip.tokenize(t)) for t in ("a photo of a dog", ""))
     side = (args.res or (128 if args.size == "tiny" else 512)) // 8
@@ -42,13 +38,11 @@ def main():
     latent = torch.zeros_like(noise)
     pos, neg = [[context, {}]], [[uncontext, {}]]
 
+    @synchronized(args.device)
     def sample(m):
         with torch.inference_mode():
-            out = comfy.sample.sample(m, noise, args.steps, 7.5, "euler", "normal", pos, neg, latent, seed=0,
-                                      disable_pbar=True)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return out
+            return comfy.sample.sample(m, noise, args.steps, 7.5, "euler", "normal", pos, neg, latent, seed=0,
+                                       disable_pbar=True)
 
     sample(model), sample(captured)                       # warm-up: load weights, pick kernels
     if args.device == "cuda":

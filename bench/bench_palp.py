@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import interleaved, load
+from common import interleaved, load, models, synchronized
 
 VARIANTS = {  # name: (alignment weight, gradient checkpointing)
     "plain": (0.0, False),
@@ -31,15 +31,13 @@ def trainer(args):
     import torch
     from comfyui_personalize.nodes import palp
     import tiny_models
-    if args.device == "cpu":
+    if args.device == "cpu" and args.size == "tiny":
         # one thread, as the host tests: OpenMP spin-waiting beside other processes distorts tiny-model timings
-        torch.set_num_threads(1 if args.size == "tiny" else torch.get_num_threads())
-    if args.size == "tiny":
-        model, clip, vae = tiny_models.tiny_sd1()
-    else:
-        model, clip, vae = tiny_models.sd15_sized()
+        torch.set_num_threads(1)
+    model, clip, vae = models(args.size, args.device)
     images = tiny_models.smooth_images(torch.Generator().manual_seed(0), 4, args.res, args.res).movedim(1, -1)
 
+    @synchronized(args.device)
     def run(variant, steps):
         weight, checkpointing = VARIANTS[variant]
         with torch.inference_mode():
@@ -50,8 +48,6 @@ def trainer(args):
                 rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=args.res, precision="fp32",
                 gradient_checkpointing=checkpointing, seed=0, save_name="bench", overwrite=True, resume=False,
                 checkpoint_every=0)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
     return run
 
 

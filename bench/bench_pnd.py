@@ -1,11 +1,11 @@
 """Pick-and-Draw cost: guided sampling (template + palette + guidance; NTI excluded) and null-text inversion,
 each as a ratio to one plain sampling run of the same steps and CFG.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_pnd.py [--steps 50] [--res 128]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_pnd.py [--size tiny|sd15] [--device cpu|cuda]
+        [--steps 50] [--res 128] [--measure guided nti]
 
 Goals (issue 3): guided ≤ 2.2× plain (the pass count puts the floor near 1.9×), NTI ≤ 10× plain.
-Runs the tiny SD1 model on the CPU: the nodes locate words through a CLIP, and an SD1.5-size run would
-need a 768-wide text encoder built in-process as well (not done yet).
+``--size sd15`` is an SD1.5-size random-weight UNet and CLIP-L (``tiny_models.sd15_sized``), fp16 on a GPU.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import argparse
 import resource
 import time
 
-from common import interleaved, load
+from common import interleaved, load, models, synchronized
 
 
 def main():
@@ -22,8 +22,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--res", type=int, default=128, help="image side in pixels")
     ap.add_argument("--inner", type=int, default=10, help="null-text inner iterations")
+    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--measure", nargs="+", choices=["guided", "nti"], default=["guided", "nti"])
     args = ap.parse_args()
-    load("cpu")
+    load(args.device)
 
     import torch
     import comfy.sample
@@ -32,8 +35,7 @@ def main():
     from comfyui_personalize.nodes import inversion as inv
     from comfyui_personalize.nodes import pnd
 
-    import tiny_models
-    model, clip, _ = tiny_models.tiny_sd1()
+    model, clip, _ = models(args.size, args.device)
     side = args.res // 8
     encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
     prompt, template = "a photo of a sks dog in the water", "a photo of a dog in the water"
@@ -43,11 +45,13 @@ def main():
     noise = Noise_RandomNoise(0)
     reference = latent + torch.randn(latent.shape, generator=torch.Generator().manual_seed(1)) * 0.5
 
+    @synchronized(args.device)
     def plain():
         with torch.inference_mode():
             comfy.sample.sample_custom(model, noise.generate_noise({"samples": latent}), 7.5,
                                        comfy.samplers.sampler_object("euler"), sigmas, pos, neg, latent, disable_pbar=True)
 
+    @synchronized(args.device)
     def invert(mode):
         with torch.inference_mode():
             return inv.NullTextInvert.execute(model, clip, "a photo of a sks dog", mode, args.steps, "ddim_uniform", 7.5,
@@ -55,6 +59,7 @@ def main():
 
     inversion = invert("ddim")
 
+    @synchronized(args.device)
     def guided():
         with torch.inference_mode():
             appearance = pnd.UREMDGuidance.execute(model, inversion, clip, "sks dog", 0.5, "auto", 0.2, 0.4, 1.0).args[0]
@@ -65,15 +70,20 @@ def main():
             comfy.sample.sample_custom(prepared, noise.generate_noise({"samples": latent}), 7.5, sampler, sigmas, pos,
                                        neg, latent, disable_pbar=True)
 
-    plain(), guided()                                   # warm-up
-    t = interleaved({"plain": plain, "guided": guided}, args.repeats)
-    start = time.perf_counter()
-    invert("null-text")
-    t_nti = time.perf_counter() - start
-    print(f"tiny SD1, cpu, res={side * 8}px steps={args.steps} cfg=7.5")
-    print(f"plain  {t['plain']:.3f} s   P&D guided {t['guided']:.3f} s   ratio {t['guided'] / t['plain']:.2f}x (goal <= 2.2x)")
-    print(f"null-text inversion ({args.inner} inner steps) {t_nti:.3f} s   ratio {t_nti / t['plain']:.2f}x (goal <= 10x; "
-          "0 when a saved inversion is reused)")
+    variants = {"plain": plain, "guided": guided} if "guided" in args.measure else {"plain": plain}
+    for warm_up in variants.values():
+        warm_up()
+    t = interleaved(variants, args.repeats)
+    print(f"{args.size} SD1, {args.device}, res={side * 8}px steps={args.steps} cfg=7.5")
+    if "guided" in args.measure:
+        print(f"plain  {t['plain']:.3f} s   P&D guided {t['guided']:.3f} s   ratio {t['guided'] / t['plain']:.2f}x "
+              "(goal <= 2.2x)")
+    if "nti" in args.measure:
+        start = time.perf_counter()
+        invert("null-text")
+        t_nti = time.perf_counter() - start
+        print(f"null-text inversion ({args.inner} inner steps) {t_nti:.3f} s   ratio {t_nti / t['plain']:.2f}x "
+              "(goal <= 10x; 0 when a saved inversion is reused)")
     print(f"peak process memory (whole run): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

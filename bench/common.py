@@ -30,6 +30,28 @@ def load(device: str):
     return sys.modules[PACKAGE]
 
 
+def models(size: str, device: str):
+    """``(MODEL, CLIP, VAE)``: the tiny SD1 model, or an SD1.5-size random-weight one (UNet fp16 on a GPU)."""
+    import torch
+    import tiny_models
+    if size == "tiny":
+        return tiny_models.tiny_sd1()
+    return tiny_models.sd15_sized(torch.float16 if device == "cuda" else torch.float32)
+
+
+def synchronized(device: str):
+    """Decorator: wait for the GPU's queued work before returning, so wall times cover it."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if device == "cuda":
+                import torch
+                torch.cuda.synchronize()
+            return out
+        return run
+    return wrap
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median wall seconds of each callable, run in turn (A B A B …) so drift hits all alike."""
     times = {name: [] for name in fns}
