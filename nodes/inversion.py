@@ -118,7 +118,9 @@ def conditioning(cond, pooled) -> list:
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
     """A few evenly spaced elements at fp16: the same weights stored in fp16 or fp32 give the same bytes."""
     flat = tensor.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), device=flat.device).long()
+    count = min(WEIGHT_SAMPLES, flat.numel())
+    # integer spacing: a float32 linspace rounds the last index past the end above 2^24 elements
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
     return flat[index].to("cpu", torch.float16)
 
 

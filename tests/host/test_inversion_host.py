@@ -262,3 +262,12 @@ def test_runs_in_the_host_executor(host, mod, reference):
     assert saved.prompt == PROMPT and saved.sigmas.shape == (4,) and saved.fingerprint["resolution"] == "16x16 latent"
     assert reconstruction["samples"].shape == (1, 4, 16, 16) and image.shape == (1, 128, 128, 3)
     assert 0 < error < 1
+
+
+def test_fingerprint_samples_span_every_weight_even_past_float32_integers(mod):
+    """SD1.5's largest convs hold ~29.5M elements, past float32's exact integers (2^24)."""
+    exact = mod._sample(torch.arange(1000, dtype=torch.float32))
+    assert exact[0].item() == 0 and exact[-1].item() == 999 and len(exact) == mod.WEIGHT_SAMPLES
+    huge = torch.arange(2.0).repeat_interleave(torch.tensor([29491199, 1]))    # the last element alone is 1
+    sampled = mod._sample(huge)
+    assert len(sampled) == mod.WEIGHT_SAMPLES and sampled[-1].item() == 1 and sampled[:-1].sum().item() == 0
