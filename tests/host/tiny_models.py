@@ -96,13 +96,30 @@ SD15_UNET = {
     "channel_mult": [1, 2, 4, 4],
     "num_res_blocks": [2, 2, 2, 2],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    # consumed from the end (the UNet pops it): output blocks 0-2, at 1/8, have no attention
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "transformer_depth_middle": 1,
     "use_linear_in_transformer": False,
     "context_dim": 768,
     "adm_in_channels": None,
     "num_heads": 8,
     "num_head_channels": -1,
+}
+# the real SDXL base UNet (2.57B parameters, 64-channel heads), for architecture checks on the meta device
+SDXL_BASE_UNET = {
+    **_UNET_COMMON,
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4],
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "num_heads": -1,
+    "num_head_channels": 64,
 }
 
 CROSS_ATTN_OUT_SCALE = 0.1
