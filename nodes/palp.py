@@ -41,9 +41,9 @@ import folder_paths
 
 from ..guidance.palp import palp_loss, palp_residual, personalization_loss, predicted_x0, renoise
 from . import host
+from .checkpointing import with_gradient_checkpointing
 from .files import save_atomic
 from .inversion import conditioning
-from .checkpointing import with_gradient_checkpointing
 from .sampling import check_interrupt, fresh_weights, grad_enabled, run_loop
 
 CATEGORY = "personalize/palp"
