@@ -3,6 +3,8 @@
 The reference is the host's own, unwrapped UNet forward: the checkpointed forward must give the same
 prediction bit for bit and the same LoRA gradients, with less memory held for backward.
 """
+import contextlib
+
 import pytest
 import torch
 from memory import PeakMemory
@@ -29,7 +31,7 @@ def lora_model(pack, model, rank=4, seed=0):
     return worker, adapters
 
 
-def gradient_pass(pack, tiny, model, clip, adapters, measure=False):
+def gradient_pass(pack, model, clip, adapters, measure=False):
     """One differentiated UNet pass on a fixed noisy latent; (prediction, LoRA gradients, peak bytes or None)."""
     sampling = pack("nodes.sampling")
     gen = torch.Generator().manual_seed(1)
@@ -41,8 +43,7 @@ def gradient_pass(pack, tiny, model, clip, adapters, measure=False):
         with sampling.grad_enabled():
             for a in adapters:
                 a.zero_grad(set_to_none=True)
-            tracker = PeakMemory()
-            with tracker if measure else torch.enable_grad():
+            with PeakMemory() if measure else contextlib.nullcontext() as tracker:
                 x_t = x.clone() + 3.0 * eps
                 denoised = loop.denoise(x_t, 3.0)
                 denoised.square().mean().backward()
@@ -57,8 +58,8 @@ def gradient_pass(pack, tiny, model, clip, adapters, measure=False):
 def test_checkpointed_forward_and_gradients_equal_the_hosts(pack, tiny, ckpt, family):
     model, clip, _ = getattr(tiny, f"tiny_{family}")()
     worker, adapters = lora_model(pack, model)
-    plain = gradient_pass(pack, tiny, worker, clip, adapters)
-    checkpointed = gradient_pass(pack, tiny, ckpt.with_gradient_checkpointing(worker), clip, adapters)
+    plain = gradient_pass(pack, worker, clip, adapters)
+    checkpointed = gradient_pass(pack, ckpt.with_gradient_checkpointing(worker), clip, adapters)
     assert torch.equal(plain[0], checkpointed[0])
     for g_plain, g_ckpt in zip(plain[1], checkpointed[1]):
         assert torch.allclose(g_plain, g_ckpt, rtol=1e-5, atol=1e-9)
@@ -74,20 +75,20 @@ def test_checkpointing_keeps_the_hosts_patches_in_place(pack, tiny, ckpt):
     worker.set_model_input_block_patch_after_skip(lambda h, options: h * 0.98)
     worker.set_model_output_block_patch(lambda h, skip, options: (h * 1.02, skip * (1 - 0.01 * options["block"][1])))
     worker.set_model_attn2_output_patch(lambda out, extra: out * (1 + 0.1 * extra["transformer_index"]))
-    plain = gradient_pass(pack, tiny, worker, clip, adapters)
-    checkpointed = gradient_pass(pack, tiny, ckpt.with_gradient_checkpointing(worker), clip, adapters)
+    plain = gradient_pass(pack, worker, clip, adapters)
+    checkpointed = gradient_pass(pack, ckpt.with_gradient_checkpointing(worker), clip, adapters)
     assert torch.equal(plain[0], checkpointed[0])
     for g_plain, g_ckpt in zip(plain[1], checkpointed[1]):
         assert torch.allclose(g_plain, g_ckpt, rtol=1e-5, atol=1e-9)
     unpatched_worker, unpatched_adapters = lora_model(pack, model)
-    assert not torch.allclose(gradient_pass(pack, tiny, unpatched_worker, clip, unpatched_adapters)[0], plain[0])
+    assert not torch.allclose(gradient_pass(pack, unpatched_worker, clip, unpatched_adapters)[0], plain[0])
 
 
 def test_checkpointing_lowers_peak_memory_of_a_gradient_pass(pack, tiny, ckpt):
     model, clip, _ = tiny.tiny_sd1()
     worker, adapters = lora_model(pack, model)
-    plain = gradient_pass(pack, tiny, worker, clip, adapters, measure=True)[2]
-    checkpointed = gradient_pass(pack, tiny, ckpt.with_gradient_checkpointing(worker), clip, adapters,
+    plain = gradient_pass(pack, worker, clip, adapters, measure=True)[2]
+    checkpointed = gradient_pass(pack, ckpt.with_gradient_checkpointing(worker), clip, adapters,
                                  measure=True)[2]
     print(f"peak bytes of one gradient pass: plain {plain}, checkpointed {checkpointed} "
           f"({checkpointed / plain:.2f}x)")
