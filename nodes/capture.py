@@ -10,7 +10,7 @@ from ..attention.store import AttentionStore, parse_steps
 from ..attention.tokens import parse_words
 from . import host
 
-AttnStore = io.Custom("ATTN_STORE")
+AttnStore = io.Custom("PERSONALIZE_ATTN_STORE")
 CATEGORY = "personalize/attention"
 
 
@@ -63,7 +63,7 @@ class AttentionMaps(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="AttentionMaps",
+            node_id="PersonalizeAttentionMaps",
             display_name="Attention Maps",
             category=CATEGORY,
             description="Shows the maps an Attention Capture recorded during the sampling run that made this LATENT "

@@ -26,7 +26,7 @@ from . import host
 from .files import save_atomic
 from .sampling import fresh_weights, grad_enabled, progress, run_loop
 
-InversionType = io.Custom("INVERSION")
+InversionType = io.Custom("PERSONALIZE_INVERSION")
 CATEGORY = "personalize/inversion"
 NULL_TEXT, DDIM = "null-text", "ddim"
 POSITIVE = "positive"           # the source prompt's branch, as the core's ``cond`` argument (see _denoiser)
@@ -407,7 +407,7 @@ class LoadInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LoadInversion",
+            node_id="PersonalizeLoadInversion",
             display_name="Load Inversion",
             category=CATEGORY,
             description="Loads an inversion saved by Null-Text Invert from output/inversions/, refusing it when the "

@@ -29,7 +29,7 @@ class AdaptiveMask(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="AdaptiveMask",
+            node_id="PersonalizeAdaptiveMask",
             display_name="Adaptive Mask",
             category=CATEGORY,
             description="Layout-and-Retouch's adaptive blending mask (§3.2): M = clamp(Normalize(D_l2(M^k)) + C(M^c), "

@@ -18,8 +18,8 @@ from .inversion import InversionType, require_same_model
 from .sampling import Loop, fresh_weights, grad_enabled, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
-Appearance = io.Custom("PND_APPEARANCE")
-Layout = io.Custom("PND_LAYOUT")
+Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
+Layout = io.Custom("PERSONALIZE_PND_LAYOUT")
 MARK = "comfyui_personalize_pnd"
 
 
@@ -222,7 +222,7 @@ class PickAndDrawSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="PickAndDrawSampler",
+            node_id="PersonalizePickAndDrawSampler",
             display_name="Pick-and-Draw Sampler",
             category=CATEGORY,
             description="P&D guided sampling (Eq. 9–10): inside each guidance window the latent moves down the gradient "

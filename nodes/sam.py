@@ -20,7 +20,7 @@ import folder_paths
 
 from ..guidance.masks import resize_mask
 
-SamModelType = io.Custom("SAM_MODEL")
+SamModelType = io.Custom("PERSONALIZE_SAM_MODEL")
 CATEGORY = "personalize/masks"
 FOLDER = "sams"
 AUTO, CPU, GPU = "auto", "cpu", "gpu"
@@ -210,7 +210,7 @@ class SAMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="SAMLoader",
+            node_id="PersonalizeSAMLoader",
             display_name="SAM Loader",
             category=CATEGORY,
             description="Loads a Segment Anything checkpoint (vit_b, vit_l or vit_h, told apart by its tensor shapes) "
@@ -295,7 +295,7 @@ class SAMSegment(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="SAMSegment",
+            node_id="PersonalizeSAMSegment",
             display_name="SAM Segment",
             category=CATEGORY,
             description="Segments the subject of an image with Segment Anything: Layout-and-Retouch's M^SAM, computed "

@@ -193,7 +193,7 @@ def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env
     assert latent["samples"].shape == (1, 4, 8, 8) and torch.isfinite(latent["samples"]).all()
     assert mask.shape == (1, 64, 64) and 0 <= mask.min() and mask.max() <= 1 and mask.max() >= 0.5
     assert len(out.ui[by_type["SaveImage"]]["images"]) == 1, "the retouched image was saved"
-    sam_mask = out[by_type["SAMSegment"]][0]
+    sam_mask = out[by_type["PersonalizeSAMSegment"]][0]
     assert sam_mask.shape == (1, 64, 64) and set(sam_mask.unique().tolist()) <= {0.0, 1.0}
 
 

@@ -124,8 +124,8 @@ def test_an_empty_folder_says_where_to_put_which_checkpoint(sam_mod, host, tmp_p
     with pytest.raises(ValueError, match="no SAM checkpoint found: put"):
         sam_mod.SAMLoader.execute("sam_vit_b_01ec64.pth", "auto")
     # in the host the message replaces the bare "value not in list" of an empty combo
-    prompt = {"1": {"class_type": "SAMLoader", "inputs": {"sam_name": "sam_vit_b_01ec64.pth", "device": "auto"}},
-              "2": {"class_type": "SAMSegment", "inputs": {"sam": ["1", 0], "image": ["3", 0], "mode": "point",
+    prompt = {"1": {"class_type": "PersonalizeSAMLoader", "inputs": {"sam_name": "sam_vit_b_01ec64.pth", "device": "auto"}},
+              "2": {"class_type": "PersonalizeSAMSegment", "inputs": {"sam": ["1", 0], "image": ["3", 0], "mode": "point",
                                                            "points": "0.5, 0.5", "box": "0, 0, 1, 1",
                                                            "points_per_side": 4, "pred_iou_thresh": 0.0,
                                                            "stability_score_thresh": 0.0}},
@@ -304,14 +304,14 @@ def test_the_three_nodes_run_in_the_host_executor(host, reference):
     import harness
 
     prompt = {
-        "1": {"class_type": "SAMLoader", "inputs": {"sam_name": TINY, "device": "auto"}},
+        "1": {"class_type": "PersonalizeSAMLoader", "inputs": {"sam_name": TINY, "device": "auto"}},
         "2": {"class_type": "EmptyImage", "inputs": {"width": 40, "height": 48, "batch_size": 2, "color": 0x336699}},
-        "3": {"class_type": "SAMSegment", "inputs": {"sam": ["1", 0], "image": ["2", 0], "mode": "box",
+        "3": {"class_type": "PersonalizeSAMSegment", "inputs": {"sam": ["1", 0], "image": ["2", 0], "mode": "box",
                                                      "points": "0.5, 0.5", "box": "0.1, 0.1, 0.9, 0.9",
                                                      "points_per_side": 4, "pred_iou_thresh": 0.0,
                                                      "stability_score_thresh": 0.0}},
         "4": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 10, "height": 12}},
-        "5": {"class_type": "AdaptiveMask", "inputs": {"cross_mask": ["4", 0], "sam_mask": ["3", 0], "combine": "or",
+        "5": {"class_type": "PersonalizeAdaptiveMask", "inputs": {"cross_mask": ["4", 0], "sam_mask": ["3", 0], "combine": "or",
                                                        "threshold": 0.1, "min_component": 0.01, "clean_union": True}},
     }
     outputs = harness.run_prompt(prompt)

@@ -185,7 +185,7 @@ def test_shipped_pick_and_draw_workflows_run_in_the_host_executor(host, env, nam
     image = out[by_type["VAEDecode"]][0]
     assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
     assert 0 <= out[by_type["NullTextInvert"]][3] < 0.2, "the reference is reconstructed"
-    grid, mask = out[by_type["AttentionMaps"]]
+    grid, mask = out[by_type["PersonalizeAttentionMaps"]]
     assert grid.shape[0] == 1 and mask.shape == (1, 128, 128)
 
 
