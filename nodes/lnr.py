@@ -21,6 +21,14 @@ from .sampling import check_interrupt, run_loop
 
 CATEGORY = "personalize/layout-and-retouch"
 PAPER_STEPS, PAPER_LAMBDA2, PAPER_BLEND_START = 50, 10, 31   # L&R App. B.1, steps counted from the start
+PINNED, FREE = "pinned", "free-running"
+PATH_HELP = ("pinned (default): at every step the path's latent is its stored DDIM-inversion latent, so it "
+             "reconstructs its image exactly; only its attention is computed, from that latent (no extra pass). "
+             "free-running: the path denoises itself from its inverted latent at this node's prompt and CFG, "
+             "Algorithm 1 read literally — an empty-prompt inversion replayed at CFG 7.5 does not reconstruct its "
+             "image, so the path drifts. L&R follows prior work for what it leaves open, and both pin the source "
+             "path: MasaCtrl's real-image editing feeds the inversion's intermediate latents, DreamMatcher's "
+             "use_inversion_latents does the same.")
 
 
 class StepBlendSampler(io.ComfyNode):
@@ -97,6 +105,12 @@ def _stack(conditionings):
     return [[torch.cat([e[0] for e in entries]), extra]]
 
 
+def _pinned(choice, name):
+    if choice not in (PINNED, FREE):
+        raise ValueError(f"{name} must be {PINNED!r} or {FREE!r}, got {choice!r}.")
+    return choice == PINNED
+
+
 def _paper_steps(lambda2, blend_start, steps):
     """-1 picks the paper's value (λ2 = 10, blend from step 31, of 50 steps) scaled to ``steps``."""
     if lambda2 < 0:
@@ -116,7 +130,9 @@ class MultiSourceAttnSwap(io.ComfyNode):
             description="L&R Algorithm 1: from the DDIM-inverted reference and layout, three paths run as one batch. The "
                         "target copies the layout for λ2 steps, then takes self-attention keys/values from the reference "
                         "(identity), and from the blend start its self-attention output is blended with the layout's "
-                        "through the adaptive mask. Invert both images with Null-Text Invert in 'ddim' mode, prompt ''.",
+                        "through the adaptive mask. By default the reference and layout paths are pinned to their inversion "
+                        "latents (as MasaCtrl and DreamMatcher pin the source path). Invert both images with Null-Text "
+                        "Invert in 'ddim' mode, prompt ''.",
             inputs=[
                 io.Model.Input("model", tooltip="The personalized model (the one that made the layout)."),
                 InversionType.Input("reference", tooltip="The reference image's DDIM inversion (empty prompt)."),
@@ -141,6 +157,14 @@ class MultiSourceAttnSwap(io.ComfyNode):
                 io.String.Input("blend_layers", default="auto",
                                 tooltip="Self-attention layers whose output is blended (the paper does not say; 'auto' = "
                                         "the swap layers). " + RULE_HELP),
+                io.Combo.Input("reference_path", options=[PINNED, FREE], default=PINNED,
+                               tooltip="The reference path, source of the self-attention K/V (the identity). "
+                                       + PATH_HELP),
+                io.Combo.Input("layout_path", options=[PINNED, FREE], default=PINNED,
+                               tooltip="The layout path, source of the target's first λ2 steps and of φ_o outside the "
+                                       "mask (the background). Pinned, the target starts its own steps from the "
+                                       "layout's inversion latent at step λ2 (it copies the layout up to there). "
+                                       + PATH_HELP),
                 io.Clip.Input("clip", optional=True, tooltip="With prompt and words: builds the cross-attention mask M^c."),
                 io.String.Input("prompt", optional=True, multiline=True, default="",
                                 tooltip="y_p as text (the layout path's prompt), to locate the object words."),
@@ -161,7 +185,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
     @classmethod
     def execute(cls, model, reference, layout, reference_positive, target_positive, negative, cfg, lambda2,
                 blend_start, swap_layers, blend_layers, clip=None, prompt="", words="", mask=None,
-                mask_threshold=0.1) -> io.NodeOutput:
+                mask_threshold=0.1, reference_path=PINNED, layout_path=PINNED) -> io.NodeOutput:
         all_layers = host.unet_layers(model)
         for inversion, name in ((reference, "the reference inversion"), (layout, "the layout inversion")):
             require_same_model(inversion, model, name)
@@ -203,15 +227,27 @@ class MultiSourceAttnSwap(io.ComfyNode):
 
         preview = latent_preview.prepare_callback(model, steps)
 
+        pin_ref, pin_lay = _pinned(reference_path, "reference_path"), _pinned(layout_path, "layout_path")
+
         def stage2(loop, x, sigmas):
             """Algorithm 1; steps counted from 1. Steps ≤ λ2 run only [reference, layout]: the target equals the
-            layout then (same start, all attention from the layout), so computing it would change nothing."""
-            x_ref, x_lay, x_tgt, used = reference.trajectory[0].to(x), layout.trajectory[0].to(x), None, None
+            layout then (same start, all attention from the layout), so computing it would change nothing.
+
+            A pinned path is set to its inversion latent x*_i before every step (methods.md §2.2 step 6); its own
+            DDIM step is discarded. Steps ≤ λ2 with both paths pinned need no pass at all (nothing there is read)
+            unless M^c is being recorded."""
+            ref_traj, lay_traj = reference.trajectory.to(x), layout.trajectory.to(x)
+            x_ref, x_lay, x_tgt, used = ref_traj[0], lay_traj[0], None, None
             for i in range(steps):
                 check_interrupt()
                 step = i + 1
                 if step > lambda2 and x_tgt is None:
                     x_tgt = x_lay
+                recording = store is not None and i < blend_start - 1
+                if x_tgt is None and pin_ref and pin_lay and not recording:
+                    x_ref, x_lay = ref_traj[i + 1], lay_traj[i + 1]
+                    preview(i, lay_traj[-1], x_lay, steps)
+                    continue
                 state.swap = x_tgt is not None and bool(swap)
                 if step == blend_start and blend:
                     used = blend_mask()
@@ -219,7 +255,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
                 x_in = torch.cat([x_ref, x_lay] + ([x_tgt] if x_tgt is not None else []))
                 denoised = loop.cfg_denoise(x_in, sigmas[i])
                 x_next = x_in + (x_in - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-                x_ref, x_lay = x_next[:1], x_next[1:2]
+                x_ref = ref_traj[i + 1] if pin_ref else x_next[:1]
+                x_lay = lay_traj[i + 1] if pin_lay else x_next[1:2]
                 x_tgt = x_next[2:] if x_tgt is not None else None
                 preview(i, denoised[-1:], x_next[-1:], steps)
             return (x_lay if x_tgt is None else x_tgt), used

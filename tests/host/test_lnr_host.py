@@ -39,12 +39,17 @@ def test_inversion_without_reconstruction_has_the_same_trajectory(env):
     assert torch.allclose(quick[1]["samples"], encoded, atol=1e-5), "without reconstruction the output is the input"
 
 
-def stage2(env, lambda2=-1, blend_start=-1, swap="auto", blend="auto", words="", mask=None, **kw):
+def stage2(env, lambda2=-1, blend_start=-1, swap="auto", blend="auto", words="", mask=None, paths=("pinned", "pinned"),
+           model=None, **kw):
     with torch.inference_mode():
         out, used = env.lnr.MultiSourceAttnSwap.execute(
-            env.personalized, kw.get("reference", env.reference), kw.get("layout", env.layout), env.encode(Y_R),
-            env.encode(Y_P), env.encode(""), 7.5, lambda2, blend_start, swap, blend, env.clip, Y_P, words, mask, 0.1).args
+            model or env.personalized, kw.get("reference", env.reference), kw.get("layout", env.layout), env.encode(Y_R),
+            env.encode(Y_P), env.encode(""), 7.5, lambda2, blend_start, swap, blend, env.clip, Y_P, words, mask, 0.1,
+            reference_path=paths[0], layout_path=paths[1]).args
     return out["samples"], used
+
+
+FREE = ("free-running", "free-running")
 
 
 def plain_from(env, x_T, prompt):
@@ -82,7 +87,7 @@ def test_step_blend_lambda1_extremes_equal_the_host_sampler(env):
 
 def test_lambda2_at_the_step_count_gives_the_layout_path_as_a_separate_pass_would(env):
     """Also the one-batch check: the layout path, batched with the reference, equals it run alone."""
-    out, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1)
+    out, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1, paths=FREE)
     alone = plain_from(env, env.layout.trajectory[0], Y_P)
     torch.testing.assert_close(out, alone, atol=1e-3, rtol=1e-3)
     assert (plain_from(env, env.reference.trajectory[0], Y_R) - alone).abs().max() > 1e-2, "the paths differ"
@@ -132,10 +137,69 @@ def unskipped_reference(env, lambda2):
 
 
 def test_skipping_the_redundant_target_path_changes_nothing(env):
-    ours, _ = stage2(env, lambda2=3, blend_start=STEPS + 1)
+    """Free-running paths, Algorithm 1 read literally: there the skip is a claim to prove (pinned, the target's
+    first λ2 steps are the layout's trajectory by definition)."""
+    ours, _ = stage2(env, lambda2=3, blend_start=STEPS + 1, paths=FREE)
     reference = unskipped_reference(env, 3)
     torch.testing.assert_close(ours, reference, atol=1e-3, rtol=1e-3)
     assert (ours - plain_from(env, env.layout.trajectory[0], Y_R)).abs().max() > 1e-3, "the swap does something"
+
+
+def recorded_paths(env):
+    """A copy of the personalized model that records, at every UNet call, σ and each path's σ-space input latent
+    (one row per path; cond and uncond chunks hold the same latents)."""
+    calls = []
+
+    def wrapper(apply_model, args):
+        x, chunks = args["input"], len(args["cond_or_uncond"])
+        per_chunk = x.shape[0] // chunks
+        calls.append((float(args["timestep"][0]), x[:per_chunk].clone()))
+        assert all(torch.equal(x[:per_chunk], x[c * per_chunk:(c + 1) * per_chunk]) for c in range(chunks))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    model = env.personalized.clone()
+    model.set_model_unet_function_wrapper(wrapper)
+    return model, calls
+
+
+def path_drift(calls, trajectory, sigmas, row):
+    """max over the recorded steps of ‖x_path − x*_i‖ / ‖x*_i‖, and the step indices recorded."""
+    index = {round(float(s), 4): i for i, s in enumerate(sigmas[:-1])}
+    steps = [index[round(s, 4)] for s, _ in calls]
+    drift = max(((x[row] - trajectory[i][0]).norm() / trajectory[i][0].norm()).item() for (_, x), i in zip(calls, steps))
+    return drift, steps
+
+
+def test_pinned_paths_follow_their_inversion_trajectories_and_free_ones_drift(env):
+    """Issue 10: pinned, the reference path's latent at every computed step is its inversion latent (exactly), and
+    the layout's too; free-running (Algorithm 1 literally) they drift. Steps ≤ λ2 with both pinned need no pass."""
+    sigmas = env.reference.sigmas
+    model, calls = recorded_paths(env)
+    stage2(env, lambda2=3, blend_start=STEPS + 1, model=model)
+    drift_ref, steps = path_drift(calls, env.reference.trajectory, sigmas, 0)
+    drift_lay, _ = path_drift(calls, env.layout.trajectory, sigmas, 1)
+    assert steps == list(range(3, STEPS)), "steps 1…λ2 need no pass when both paths are pinned"
+    assert drift_ref == 0 and drift_lay == 0
+    model, calls = recorded_paths(env)
+    stage2(env, lambda2=3, blend_start=STEPS + 1, model=model, paths=FREE)
+    free_ref, steps = path_drift(calls, env.reference.trajectory, sigmas, 0)
+    free_lay, _ = path_drift(calls, env.layout.trajectory, sigmas, 1)
+    assert steps == list(range(STEPS))
+    print(f"\nL&R path drift on the tiny SD1 ({STEPS} steps, CFG 7.5): max relative latent distance to the "
+          f"trajectory, reference {free_ref:.4f} free-running vs {drift_ref:.4f} pinned, layout {free_lay:.4f} "
+          f"free-running vs {drift_lay:.4f} pinned")
+    assert free_ref > 1e-2 and free_lay > 1e-2, "an empty-prompt inversion replayed at CFG 7.5 drifts"
+
+
+def test_pinned_layout_with_lambda2_at_the_step_count_returns_the_layout_image(env):
+    out, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1)
+    free, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1, paths=FREE)
+    with torch.inference_mode():
+        layout_image = env.vae.encode(env.images[1][:, :, :, :3])
+    torch.testing.assert_close(out, layout_image, atol=1e-5, rtol=1e-5)
+    distance = ((free - layout_image).norm() / layout_image.norm()).item()
+    print(f"\nL&R layout output at λ2 = T: relative latent distance to the layout image {distance:.4f} free-running, "
+          f"{((out - layout_image).norm() / layout_image.norm()).item():.2e} pinned")
+    assert distance > 1e-2
 
 
 def test_auto_mask_same_input_same_image_and_the_model_is_untouched(env):
