@@ -138,7 +138,9 @@ def replay(denoise, x_T, sigmas, cond, null_embeddings, cfg, on_step=None):
 
     Each step is the CFG DDIM step of ``null_text_invert`` with ``null_embeddings[i]`` as the
     unconditional input, so replaying NTI's embeddings from ``trajectory[0]`` reproduces its
-    reconstruction exactly; P&D's palette pass (§3.2) is this replay with feature capture on.
+    reconstruction exactly. P&D's palette pass (§3.2) is *not* this replay: it is one cond-only pass at
+    each DDIM pivot ``trajectory[i]``, which the null embeddings never enter (they only make this CFG
+    replay land on those pivots), so plain DDIM and null-text inversions give the same palette.
     ``null_embeddings=None`` samples with the conditional prediction alone (``cfg`` unused): plain
     DDIM sampling, the reconstruction of a plain DDIM inversion. For a fixed unconditional
     embedding pass ``[uncond] * n_steps``. Returns all latents ``[len(sigmas), *x_T.shape]``.

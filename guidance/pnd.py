@@ -16,37 +16,47 @@ LAYOUT_WINDOW = (0.0, 0.2)       # P&D Fig. 8: layout guidance on steps [0, 10) 
 APPEARANCE_WINDOW = (0.2, 0.4)   # appearance guidance on steps [10, 20) of 50
 
 
-def guided_update(x, grad, sigma, eta, normalise=True):
-    """P&D Eq. 10, z ← z − η_g ∇_z ℓ, applied to the host's σ-space latent x (methods.md §1.5).
+def guided_update(x, grad, sigma, eta, normalise=True, weights=None):
+    """P&D Eq. 9–10, z ← z − η_g ∇_z ℓ with ℓ = Σ_k w_k ℓ_k, applied to the host's σ-space latent x (methods.md §1.5).
+
+    ``grad`` is ∇_x ℓ_k of one term, or a sequence of them (one per active term) with ``weights`` w_k
+    (α, β of Eq. 9; default 1 each).
 
     Derivation: the sampler's x = z·s with s = √(1+σ²), so ∇_z ℓ = s·∇_x ℓ and Eq. 10 becomes
-    x ← s·(x/s − η s ∇_x ℓ) = x − η (1+σ²) ∇_x ℓ. That is ``normalise=False``, the paper's exact form,
-    where η carries the loss's scale.
+    x ← s·(x/s − η s ∇_x ℓ) = x − η (1+σ²) Σ_k w_k ∇_x ℓ_k. That is ``normalise=False``, the paper's
+    exact form, where η carries the loss's scale.
 
-    ``normalise=True`` (default) is the scale-free form: the z-step is η·∇_z ℓ / RMS(∇_z ℓ) per batch
-    item, i.e. every item's VP latent moves by exactly η in RMS whatever its loss's magnitude. The
-    RMS division cancels the chain-rule factor s, and mapping the step back to x brings one s, so
-    x ← x − η √(1+σ²) ∇_x ℓ / RMS(∇_x ℓ). Only the direction of Eq. 10 is kept; η is in units of the
-    unit-variance latent z, comparable across steps and models.
+    ``normalise=True`` (default) is the scale-free form, applied per term: each term's z-step is
+    η·w_k·∇_z ℓ_k / RMS(∇_z ℓ_k) per batch item, so a single active term moves every item's VP latent by
+    exactly η·w_k in RMS whatever its loss's magnitude, and α, β scale their terms' steps (normalising
+    the weighted sum instead would cancel a lone term's weight). The RMS division cancels the
+    chain-rule factor s, and mapping the step back to x brings one s, so
+    x ← x − η √(1+σ²) Σ_k w_k ∇_x ℓ_k / RMS(∇_x ℓ_k). Only each term's direction of Eq. 10 is kept; η is
+    in units of the unit-variance latent z, comparable across steps and models.
 
-    ``sigma`` and ``eta`` are scalars or per-item ``[B]``. An item whose gradient is not finite is
-    returned unchanged, as is one with an all-zero gradient; returns ``(x_new, skipped)`` with
-    ``skipped`` the boolean ``[B]`` mask of non-finite items (for the caller to warn about).
+    ``sigma`` and ``eta`` are scalars or per-item ``[B]``. An item whose gradient (of any term) is not
+    finite is returned unchanged; a term whose gradient is all zero for an item adds nothing to it.
+    Returns ``(x_new, skipped)`` with ``skipped`` the boolean ``[B]`` mask of non-finite items (for the
+    caller to warn about).
     """
+    grads = [grad] if isinstance(grad, torch.Tensor) else list(grad)
+    weights = [1.0] * len(grads) if weights is None else list(weights)
+    if len(weights) != len(grads):
+        raise ValueError(f"{len(grads)} gradients but {len(weights)} weights")
     per_item = (-1,) + (1,) * (x.dim() - 1)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(per_item)
     eta = torch.as_tensor(eta, dtype=x.dtype, device=x.device).reshape(per_item)
-    finite = torch.isfinite(grad).flatten(1).all(dim=1)
-    grad = torch.where(finite.reshape(per_item), grad, torch.zeros_like(grad))
-    if normalise:
-        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
-        rms = wide.square().flatten(1).mean(dim=1).sqrt().reshape(per_item).to(x.dtype)
-        step = eta * (1 + sigma ** 2).sqrt() * grad / torch.where(rms > 0, rms, torch.ones_like(rms))
-    else:
-        step = eta * (1 + sigma ** 2) * grad
-    return x - step, ~finite
-
-
+    finite = torch.stack([torch.isfinite(g).flatten(1).all(dim=1) for g in grads]).all(dim=0)
+    step = torch.zeros_like(x)
+    for g, w in zip(grads, weights):
+        g = torch.where(finite.reshape(per_item), g, torch.zeros_like(g))
+        if normalise:
+            wide = g.to(torch.promote_types(g.dtype, torch.float32))
+            rms = wide.square().flatten(1).mean(dim=1).sqrt().reshape(per_item).to(x.dtype)
+            g = g / torch.where(rms > 0, rms, torch.ones_like(rms))
+        step = step + w * g
+    scale = (1 + sigma ** 2).sqrt() if normalise else 1 + sigma ** 2
+    return x - eta * scale * step, ~finite
 
 
 def _match(sigmas: list[float], sigma: float) -> int | None:
@@ -77,16 +87,26 @@ class AppearanceTerm(_Term):
     """P&D §3.2: the palette V^ref_l (masked features of the reference's pivots) per step and layer."""
     palette: list           # per step: {layer key: [n, C]}
     tau: float
+    subject: str = ""       # the subject word in the reference's prompt, and its token count
+    tokens: int = 1
 
-    def loss(self, sigma: float, live) -> torch.Tensor:
-        """ℓ_app per batch item: UREMD (Eq. 6) of each layer's masked features, mean over layers."""
+    def loss(self, sigma: float, live, on_empty=None) -> torch.Tensor:
+        """ℓ_app per batch item: UREMD (Eq. 6) of each layer's masked features, mean over layers.
+
+        A generated set with no vector (no position's subject attention ≥ τ) adds 0 to its layer's
+        mean; ``on_empty(layer_key, item)`` hears of each such set, for the caller to warn about.
+        """
         ref = self.palette[_match(self.sigmas, sigma)]
         per_layer = []
         for key in self.layers:
             feats, maps = live.features[key], live.maps[key]
-            per_layer.append(torch.stack([
-                uremd_loss(ref[key], masked_vectors(feats[b].flatten(0, 1), maps[b, 0] >= self.tau))
-                for b in range(feats.shape[0])]))
+            items = []
+            for b in range(feats.shape[0]):
+                generated = masked_vectors(feats[b].flatten(0, 1), maps[b, 0] >= self.tau)
+                if generated.shape[0] == 0 and on_empty is not None:
+                    on_empty(key, b)
+                items.append(uremd_loss(ref[key], generated))
+            per_layer.append(torch.stack(items))
         return torch.stack(per_layer).mean(0)
 
 
@@ -96,6 +116,9 @@ class LayoutTerm(_Term):
     maps: list              # per step: {layer key: [B, h, w]}
     kernel_size: int = 3
     smooth_sigma: float = 0.5
+    latent_shape: tuple | None = None   # (batch, height, width) of the latent the template was sampled for
+    subject: str = ""       # the class word in the template prompt, and its token count
+    tokens: int = 1
 
     def loss(self, sigma: float, live) -> torch.Tensor:
         """ℓ_lay per batch item (Eq. 8): smoothed Frobenius distance to the template, mean over layers."""
@@ -107,16 +130,18 @@ class LayoutTerm(_Term):
 def sample_guided(denoise, x, sigmas, guidance_grad, eta, normalise=True, callback=None, on_skip=None):
     """P&D guided sampling (Eq. 9–10) on Euler steps, Euler in σ being DDIM with η = 0.
 
-    Each step first moves x by Eq. 10 when ``guidance_grad(x, σ)`` returns a gradient (None outside
-    every window), then takes the step exactly as the host's ``sample_euler`` does, so with
+    Each step first moves x by Eq. 10 when ``guidance_grad(x, σ)`` returns ``(gradients, weights)`` of
+    the active terms (None outside every window; see ``guided_update``), then takes the step exactly
+    as the host's ``sample_euler`` does, so with
     ``eta == 0`` the result equals the host's Euler sampler bit for bit. ``on_skip(i, mask)`` hears
     of batch items whose gradient was not finite (their update is skipped, never a NaN latent).
     """
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
-        grad = guidance_grad(x, sigma) if eta else None
-        if grad is not None:
-            x, skipped = guided_update(x, grad, sigma, eta, normalise)
+        active = guidance_grad(x, sigma) if eta else None
+        if active is not None:
+            grads, weights = active
+            x, skipped = guided_update(x, grads, sigma, eta, normalise, weights)
             if on_skip is not None and skipped.any():
                 on_skip(i, skipped)
         denoised = denoise(x, sigma)

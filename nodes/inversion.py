@@ -314,9 +314,13 @@ class NullTextInvert(io.ComfyNode):
                                 tooltip="Source prompt describing the reference (its subject word is located in it "
                                         "later). Layout-and-Retouch inverts with the empty prompt."),
                 io.Combo.Input("mode", options=[NULL_TEXT, DDIM], default=NULL_TEXT,
-                               tooltip="null-text: DDIM inversion plus null-text optimisation, exact reconstruction "
-                                       "at the CFG below (Pick-and-Draw). ddim: deterministic DDIM inversion only, "
-                                       "no optimisation (Layout-and-Retouch)."),
+                               tooltip="null-text: DDIM inversion plus per-step null embeddings (Mokady et al.), so that "
+                                       "CFG sampling at the scale below from the inverted latent reconstructs the image "
+                                       "faithfully — for inspecting the inversion or for editing; up to inner_steps "
+                                       "forward+backward passes per step. It does not change Pick-and-Draw's palette, "
+                                       "which is read at the DDIM pivots both modes share. ddim: deterministic DDIM "
+                                       "inversion only, no optimisation — all Pick-and-Draw's palette and "
+                                       "Layout-and-Retouch need."),
                 io.Int.Input("steps", default=50, min=2, max=1000,
                              tooltip="Inversion steps; sample later with the same steps and scheduler (the papers: "
                                      "50 DDIM steps)."),

@@ -76,7 +76,10 @@ class UREMDGuidance(io.ComfyNode):
                 InversionType.Input("inversion", tooltip="The reference image's inversion (NullTextInvert / LoadInversion)."),
                 io.Clip.Input("clip", tooltip="Locates the subject word in the inversion's source prompt."),
                 io.String.Input("subject", default="dog",
-                                tooltip="The subject word in the reference's source prompt (e.g. 'dog' or 'sks dog')."),
+                                tooltip="The subject word in the reference's source prompt (e.g. 'dog'). Use the word the sampler "
+                                        "watches in the generation prompt: a multi-token word's map is the sum of its "
+                                        "tokens', so τ means something else for 'sks dog' than for 'dog' (the "
+                                        "sampler warns when the token counts differ)."),
                 io.Float.Input("tau", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="τ: feature positions whose normalised subject attention Â ≥ τ form the palette "
                                        "and the generated set (P&D Eq. 3)." + host.UNTUNED),
@@ -85,7 +88,9 @@ class UREMDGuidance(io.ComfyNode):
                                         "latent on SD1.x (P&D's 32×32 at 512², Table 2), 1/4 on SDXL. " + RULE_HELP),
                 *_window_inputs(APPEARANCE_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9)." + host.UNTUNED),
+                               tooltip="α of Eq. 9. With the sampler's 'normalise' on, it scales this term's guided step: each step moves "
+                                       "the latent by η·α in RMS (2 doubles it). Off: ℓ = α·ℓ_app + β·ℓ_lay "
+                                       "exactly." + host.UNTUNED),
             ],
             outputs=[Appearance.Output(display_name="appearance")],
         )
@@ -113,8 +118,15 @@ class UREMDGuidance(io.ComfyNode):
 
         latent = inversion.trajectory[-1][:1]
         _, palette = run_loop(patched, inversion.positive, inversion.negative, latent, inversion.sigmas[:2], palette_pass)
+        empty = [(i, key) for i, step in zip(steps, palette) for key, vectors in step.items() if vectors.shape[0] == 0]
+        if empty:
+            raise ValueError(
+                f"the palette is empty at {len(empty)} of {len(steps) * len(chosen)} (step, layer) pairs (e.g. step "
+                f"{empty[0][0]}, layer {'.'.join(map(str, empty[0][1]))}): no position's attention to {subject!r} "
+                f"reaches τ = {tau} there, so the appearance term would compare against nothing. The subject is not "
+                "attended in the reference (check the word and the source prompt), or lower τ.")
         term = AppearanceTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen],
-                              palette, tau)
+                              palette, tau, subject, len(positions[0]))
         return io.NodeOutput(term)
 
 
@@ -147,7 +159,9 @@ class LayoutGuidance(io.ComfyNode):
                                         "separately. " + RULE_HELP),
                 *_window_inputs(LAYOUT_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9)." + host.UNTUNED),
+                               tooltip="β of Eq. 9. With the sampler's 'normalise' on, it scales this term's guided step: each step moves "
+                                       "the latent by η·β in RMS (2 doubles it). Off: ℓ = α·ℓ_app + β·ℓ_lay "
+                                       "exactly." + host.UNTUNED),
                 io.Int.Input("kernel_size", default=3, min=1, max=15, step=2,
                              tooltip="Gaussian smoothing G of the maps (Attend-and-Excite's default; P&D gives none)."),
                 io.Float.Input("smooth_sigma", default=0.5, min=0.05, max=10.0, step=0.05,
@@ -174,16 +188,16 @@ class LayoutGuidance(io.ComfyNode):
         run = store.runs[-1]
         maps = [{l.key: run.maps[(i, l.key, 0)][:, 0] for l in chosen} for i in steps]
         term = LayoutTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen], maps,
-                          kernel_size, smooth_sigma)
+                          kernel_size, smooth_sigma, (samples.shape[0], *samples.shape[-2:]), word, len(positions[0]))
         return io.NodeOutput(term)
 
 
 def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disable=None, store=None, terms=(),
-                         eta=0.1, normalise=True):
+                         eta=0.1, normalise=True, subject=""):
     """The SAMPLER's function: P&D guided Euler sampling (``guidance.pnd.sample_guided``) in the host's loop.
 
-    Inside a window the gradient of Σ weight·ℓ comes from one extra cond-only pass with live maps and
-    features; every other call is the host's own CFG prediction, so CFG, conditioning, noise masks and
+    Inside a window each active term's gradient comes from one extra cond-only pass with live maps and
+    features (weighted after per-term normalisation, ``guided_update``); every other call is the host's own CFG prediction, so CFG, conditioning, noise masks and
     other patches stay the user's.
     """
     loop = Loop(model, extra_args, callback)
@@ -192,6 +206,19 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
                          "node's MODEL output into the sampler node too.")
     schedule = [float(s) for s in sigmas]
     for term in terms:
+        if not any(term.active(s) for s in schedule[:-1]):
+            raise ValueError(
+                f"the {type(term).__name__}'s window (σ {term.sigma_start:.4g} → {term.sigma_end:.4g}) holds no step of "
+                f"this run (σ {schedule[0]:.4g} → {schedule[-2]:.4g}; e.g. a denoise below 1 starts after it), so it "
+                "would do nothing and the image would be plain Euler sampling. Move or widen its window, raise denoise, "
+                "or disconnect the term.")
+        if isinstance(term, LayoutTerm) and term.latent_shape is not None and \
+                term.latent_shape != (x.shape[0], *x.shape[-2:]):
+            raise ValueError(
+                "the layout template was sampled for a latent of batch {} and size {}×{}, this generation is batch {} "
+                "and {}×{}: wire the generation's own LATENT (and NOISE, SIGMAS) into Layout Guidance.".format(
+                    term.latent_shape[0], term.latent_shape[2], term.latent_shape[1], x.shape[0], x.shape[-1],
+                    x.shape[-2]))
         if missing := term.missing(schedule):
             raise ValueError(
                 f"the {type(term).__name__} was made for another σ schedule: it has no data for σ "
@@ -199,17 +226,27 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
                 "layout template, the same SIGMAS) as the generation, or re-invert the reference with them.")
 
     def guidance_grad(x, sigma):
+        """Each active term's gradient ∇_x ℓ_k from one pass (one backward per term: ``guided_update``
+        normalises each before weighting) and the weights α, β."""
         s = float(sigma)
         active = [t for t in terms if t.active(s)]
         if not active:
             return None
+        empty = []
         with grad_enabled():
             xg = x.detach().clone().requires_grad_(True)
             with store.live() as live:
                 loop.denoise(xg, sigma, "positive")
-            loss = sum(t.weight * t.loss(s, live) for t in active)
-            grad, = torch.autograd.grad(loss.sum(), xg)
-        return grad
+            losses = [t.loss(s, live, lambda key, b: empty.append((key, b))) if isinstance(t, AppearanceTerm)
+                      else t.loss(s, live) for t in active]
+            grads = [torch.autograd.grad(loss.sum(), xg, retain_graph=k < len(losses) - 1)[0] if loss.requires_grad
+                     else torch.zeros_like(xg) for k, loss in enumerate(losses)]
+        if empty:
+            logging.warning("Pick-and-Draw: at σ %.4g the generated image's attention to %r reaches τ nowhere in %d "
+                        "(layer, item) pairs (items %s): the appearance term compares nothing there (those layers add "
+                        "0). Lower τ or check the subject word.", s, subject, len(empty),
+                        sorted({b for _, b in empty}))
+        return grads, [t.weight for t in active]
 
     def on_skip(i, skipped):
         logging.warning(f"Pick-and-Draw: step {i}: the guidance gradient was not finite for batch items "
@@ -234,12 +271,15 @@ class PickAndDrawSampler(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="a photo of a sks dog swimming in the water",
                                 tooltip="The generation prompt, as encoded for the sampler's positive conditioning."),
                 io.String.Input("subject", default="dog",
-                                tooltip="The subject word in the generation prompt (its maps are matched)."),
+                                tooltip="The subject word in the generation prompt (its maps are matched). Use the palette's and "
+                                        "the template's word (same token count; a warning says when not)."),
                 io.Float.Input("eta", default=0.1, min=0.0, max=10.0, step=0.01,
-                               tooltip="η_g. With 'normalise' on, how far (RMS, in the unit-variance latent) each guided "
-                                       "step moves every image; 0 = plain Euler/DDIM sampling." + host.UNTUNED),
+                               tooltip="η_g. With 'normalise' on, how far (RMS, in the unit-variance latent) each term's guided "
+                                       "step moves every image, times the term's weight; 0 = plain Euler/DDIM "
+                                       "sampling." + host.UNTUNED),
                 io.Boolean.Input("normalise", default=True,
-                                 tooltip="On: scale-free step η·∇/RMS(∇). Off: the paper's literal z ← z − η∇ℓ "
+                                 tooltip="On: scale-free steps, each term's gradient normalised then weighted, "
+                                         "η·Σ w·∇ℓ/RMS(∇ℓ). Off: the paper's literal z ← z − η∇(αℓ_app + βℓ_lay) "
                                          "(η then carries the loss scale)."),
                 Appearance.Input("appearance", optional=True, tooltip="From UREMD Appearance Guidance."),
                 Layout.Input("layout", optional=True, tooltip="From Layout Guidance."),
@@ -263,11 +303,18 @@ class PickAndDrawSampler(io.ComfyNode):
                              "architecture (SD1.x terms cannot drive an SDXL model).")
         features = [l for l in layers if appearance is not None and l.key in appearance.layers]
         positions, prompt_len = host.prompt_word_positions(clip, prompt, [subject])
+        for term in terms:
+            if term.tokens != len(positions[0]):
+                logging.warning("Pick-and-Draw: the generation's subject %r is %d token(s) but the %s's word %r is %d: a "
+                            "multi-token word's map is the sum of its tokens', so τ and the layout distance compare "
+                            "differently normalised maps. Use the same word (e.g. the class word) in both.",
+                            subject, len(positions[0]), type(term).__name__, term.subject, term.tokens)
         store = AttentionStore([subject], positions, prompt_len, layers)
         prepared = host.install_capture(fresh_weights(model), store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
-                                          extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise})
+                                          extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,
+                                                         "subject": subject})
         return io.NodeOutput(prepared, sampler)
 
 

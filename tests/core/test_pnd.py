@@ -96,13 +96,54 @@ def test_guidance_moves_x_only_where_a_gradient_is_given():
     sigmas = torch.tensor([10.0, 5.0, 1.0, 0.0])
     target = torch.zeros(1, 4, 4, 4)
     def grad(x, s):
-        return (x - target) if s > 4 else None            # a window covering the first two steps
+        return ([x - target], [1.0]) if s > 4 else None   # a window covering the first two steps
     seen = []
     sample_guided(lambda x, s: x * 0, torch.ones(1, 4, 4, 4), sigmas, grad, eta=0.1,
                   callback=lambda info: seen.append(info["x"].clone()))
     ones = torch.ones(1, 4, 4, 4)
     assert torch.allclose(seen[0], guided_update(ones, ones, 10.0, 0.1)[0])
     assert (seen[0] < 1).all()
+
+
+def toy_loss_2(x):
+    """A second per-item loss, standing in for the other term (ℓ_lay beside ℓ_app)."""
+    return (x - 0.3).pow(2).flatten(1).sum(1) * 1e-4
+
+
+def grad_of(loss, x):
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(loss(x).sum(), x)[0]
+
+
+def test_normalised_weights_scale_each_terms_step_exactly(x):
+    """Issue 10: with normalise on, α and β mean something. A lone term's step is η·w in RMS (doubling w doubles it,
+    exactly), and with two terms each one's step is its own normalised gradient times its weight, whatever the two
+    losses' scales (here 1e4 apart)."""
+    g1, g2 = grad_of(toy_loss, x), grad_of(toy_loss_2, x)
+    step = lambda grads, weights: x - guided_update(x, grads, SIGMA, 0.05, True, weights)[0]
+    one, two = step([g1], [1.0]), step([g1], [2.0])
+    assert torch.allclose(two, 2 * one, rtol=1e-12, atol=0)
+    dz = two / (1 + SIGMA ** 2).sqrt().reshape(-1, 1, 1, 1)
+    assert torch.allclose(dz.pow(2).flatten(1).mean(1).sqrt(), torch.full((3,), 0.1, dtype=torch.float64))
+    both, alpha_doubled = step([g1, g2], [1.0, 1.0]), step([g1, g2], [2.0, 1.0])
+    assert torch.allclose(alpha_doubled - both, one, rtol=1e-10, atol=1e-14), "doubling α adds exactly its term's step"
+    assert torch.allclose(both, one + step([g2], [1.0]), rtol=1e-10, atol=1e-14)
+
+
+def test_unnormalised_weighted_terms_are_eq10_of_the_weighted_loss(x):
+    """normalise off stays exact to Eq. 9–10: the step of (α, β) per-term gradients is the step of ∇(αℓ_1 + βℓ_2)."""
+    new, _ = guided_update(x, [grad_of(toy_loss, x), grad_of(toy_loss_2, x)], SIGMA, 0.05, False, [0.7, 3.0])
+    s = (1 + SIGMA ** 2).sqrt().reshape(-1, 1, 1, 1)
+    z = (x / s).requires_grad_(True)
+    grad_z = torch.autograd.grad((0.7 * toy_loss(z * s) + 3.0 * toy_loss_2(z * s)).sum(), z)[0]
+    assert torch.allclose(new, (z - 0.05 * grad_z).detach() * s, rtol=1e-12, atol=1e-12)
+
+
+def test_an_item_is_skipped_when_any_terms_gradient_is_not_finite(x):
+    g1, g2 = grad_of(toy_loss, x), grad_of(toy_loss_2, x)
+    g2[2, 0, 0, 0] = float("nan")
+    new, skipped = guided_update(x, [g1, g2], SIGMA, 0.05, True, [1.0, 1.0])
+    assert skipped.tolist() == [False, False, True] and torch.equal(new[2], x[2]) and torch.isfinite(new).all()
 
 
 def slow_uremd(ref, gen):
@@ -133,3 +174,18 @@ def test_layout_term_matches_layout_loss_and_broadcasts_a_one_item_template():
     live = LiveCapture(maps={keys[0]: torch.rand(3, 1, 8, 8, generator=g), keys[1]: torch.rand(3, 1, 2, 2, generator=g)})
     expected = layout_loss([live.maps[k][:, 0] for k in keys], [template[k] for k in keys])
     assert torch.equal(term.loss(10.0, live), expected) and expected.shape == (3,)
+
+
+def test_an_empty_generated_set_is_reported_not_silent():
+    """Issue 9 §3: an item whose subject attention reaches τ nowhere adds 0 to the layer mean, and the caller hears of it."""
+    keys = [("output", 6, 0), ("output", 7, 0)]
+    g = torch.Generator().manual_seed(5)
+    term = AppearanceTerm(9.0, 3.0, 1.0, [4.0], keys, [{k: torch.randn(5, 8, generator=g) for k in keys}], tau=0.5)
+    maps = {k: torch.rand(2, 1, 4, 4, generator=g) for k in keys}
+    maps[keys[1]][1] = 0.1                                 # item 1 never attends in layer 2
+    live = LiveCapture(maps=maps, features={k: torch.randn(2, 4, 4, 8, generator=g) for k in keys})
+    empty = []
+    loss = term.loss(4.0, live, lambda key, b: empty.append((key, b)))
+    assert empty == [(keys[1], 1)]
+    only_first = slow_uremd(term.palette[0][keys[0]], live.features[keys[0]][1][maps[keys[0]][1, 0] >= 0.5])
+    assert torch.allclose(loss[1], only_first / 2, atol=1e-5)

@@ -43,7 +43,7 @@ def reference_inversion(env, steps, model=None):
 
 def terms(env, sigmas, latent):
     with torch.inference_mode():
-        appearance = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, len(sigmas) - 1), env.clip, "sks dog", 0.5,
+        appearance = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, len(sigmas) - 1), env.clip, "dog", 0.5,
                                                    "auto", 0.2, 0.4, 1.0).args[0]
         layout = env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""),
                                                 7.5, noise_object(), sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0,
@@ -158,6 +158,103 @@ def test_bad_inputs_are_refused_with_messages(env):
         sample_custom(env.model, sampler, sigmas, latent, env)
 
 
+def test_null_text_and_ddim_inversions_give_the_identical_palette(env):
+    """Issue 10: the palette is a cond-only pass at the DDIM pivots, which the null embeddings never enter."""
+    with torch.inference_mode():
+        nti = env.inversion.NullTextInvert.execute(env.model, env.clip, REF_PROMPT, "null-text", 10, "ddim_uniform", 7.5, 2,
+                                                   1e-2, 0.0, "", image=reference_image(env), vae=env.vae).args[0]
+        palettes = [env.pnd.UREMDGuidance.execute(env.model, inversion, env.clip, "dog", 0.5, "auto", 0.2, 0.4,
+                                                  1.0).args[0].palette for inversion in (nti, reference_inversion(env, 10))]
+    assert (nti.null_embeddings - nti.uncond).abs().max() > 1e-4, "null-text mode did optimise the null embeddings"
+    assert [p.keys() for p in palettes[0]] == [p.keys() for p in palettes[1]]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*palettes) for k in a), "bit-identical palettes"
+
+
+def guided_steps(env, appearance_weight, eta=0.5, layout_weight=None):
+    """The latent after the guided update at every step (the sampler's callback), for the given weights."""
+    import dataclasses
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    appearance = dataclasses.replace(appearance, weight=appearance_weight)
+    chosen = [appearance] if layout_weight is None else [appearance, dataclasses.replace(layout, weight=layout_weight)]
+    seen = []
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", eta, True, *chosen).args
+        noise = noise_object().generate_noise({"samples": latent})
+        env.pnd.comfy.sample.sample_custom(prepared, noise, 7.5, sampler, sigmas, env.encode(PROMPT), env.encode(""),
+                                           latent, callback=lambda i, x0, x, total: seen.append(x.clone()),
+                                           disable_pbar=True)
+    return seen
+
+
+def test_doubling_a_terms_weight_doubles_its_guided_step(env):
+    """Issue 10: α and β did nothing under normalisation (the per-item RMS cancelled a lone term's weight). Now the
+    appearance step at its first window step (step 2 of 10) is exactly twice as long with α = 2 as with α = 1."""
+    plain, single, double = (guided_steps(env, w, eta) for w, eta in ((1.0, 0.0), (1.0, 0.5), (2.0, 0.5)))
+    assert torch.equal(single[1], plain[1]) and torch.equal(double[1], plain[1]), "no guidance before the window"
+    step_1, step_2 = single[2] - plain[2], double[2] - plain[2]
+    assert step_1.abs().max() > 1e-3
+    torch.testing.assert_close(step_2, 2 * step_1, rtol=1e-4, atol=1e-5)
+
+
+def test_a_term_active_on_no_step_is_refused(env):
+    """Issue 9 §3: appearance only at denoise 0.5 was bit-identical to plain Euler without a word."""
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    appearance, _ = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True, appearance).args
+    with pytest.raises(ValueError, match="AppearanceTerm's window .* holds no step of this run"):
+        sample_custom(prepared, sampler, sigmas[5:], latent, env)
+
+
+def test_a_template_for_another_latent_is_refused(env):
+    sigmas = schedule(env.model)
+    _, layout = terms(env, sigmas, torch.zeros(2, 4, 16, 16))
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True, None, layout).args
+    for latent, said in ((torch.zeros(1, 4, 16, 16), "batch 2 and size 16×16, this generation is batch 1 and 16×16"),
+                         (torch.zeros(2, 4, 16, 8), "this generation is batch 2 and 8×16")):
+        with pytest.raises(ValueError, match=f"layout template was sampled for a latent of .*{said}"):
+            sample_custom(prepared, sampler, sigmas, latent, env)
+
+
+def test_an_empty_palette_is_refused_and_an_empty_generated_set_warns(env, caplog):
+    """Issue 9 §3: τ = 1 keeps no position (Â = d/(d + ε) < 1 at the maximum), which silently gave a zero loss."""
+    import dataclasses
+    inversion = reference_inversion(env, 10)
+    with pytest.raises(ValueError, match="the palette is empty at 4 of 4 .* attention to 'dog' reaches τ = 1.0"):
+        with torch.inference_mode():
+            env.pnd.UREMDGuidance.execute(env.model, inversion, env.clip, "dog", 1.0, "auto", 0.2, 0.4, 1.0)
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    appearance = dataclasses.replace(terms(env, sigmas, latent)[0], tau=1.0)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True, appearance).args
+    with caplog.at_level("WARNING"):
+        out = sample_custom(prepared, sampler, sigmas, latent, env)
+    said = [r.getMessage() for r in caplog.records if "reaches τ nowhere" in r.getMessage()]
+    assert len(said) == 2 and "attention to 'dog'" in said[0] and "items [0]" in said[0], said
+    assert torch.isfinite(out).all()
+
+
+def test_subject_words_of_different_token_counts_warn(env, caplog):
+    """Issue 10: 'sks dog' (two tokens, maps summed) for the palette and 'dog' for the generation compare differently
+    normalised maps under one τ."""
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    _, layout = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        two_tokens = env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, 10), env.clip, "sks dog", 0.5,
+                                                   "auto", 0.2, 0.4, 1.0).args[0]
+    with caplog.at_level("WARNING"):
+        env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True, two_tokens, layout)
+    said = [r.getMessage() for r in caplog.records if "token(s)" in r.getMessage()]
+    assert len(said) == 1 and "'dog' is 1 token(s) but the AppearanceTerm's word 'sks dog' is 2" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "sks dog", 0.5, True, two_tokens, layout)
+    said = [r.getMessage() for r in caplog.records if "token(s)" in r.getMessage()]
+    assert len(said) == 1 and "LayoutTerm's word 'dog' is 1" in said[0]
+
+
 def test_an_inversion_from_another_model_is_refused(env):
     other = env.model.clone()
     key = next(k for k in other.model_state_dict() if k.endswith("attn2.to_k.weight"))
@@ -184,7 +281,10 @@ def test_shipped_pick_and_draw_workflows_run_in_the_host_executor(host, env, nam
     by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
     image = out[by_type["VAEDecode"]][0]
     assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
-    assert 0 <= out[by_type["NullTextInvert"]][3] < 0.2, "the reference is reconstructed"
+    inversion, _, _, error = out[by_type["NullTextInvert"]]
+    assert inversion.mode == "ddim" and error != error, "ddim mode, no reconstruction: the palette reads only the pivots"
+    appearance, = out[by_type["UREMDGuidance"]]
+    assert (appearance.subject, appearance.tokens) == ("dog", 1), "the palette watches the sampler's word"
     grid, mask = out[by_type["PersonalizeAttentionMaps"]]
     assert grid.shape[0] == 1 and mask.shape == (1, 128, 128)
 
