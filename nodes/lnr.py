@@ -70,6 +70,10 @@ class StepBlendSampler(io.ComfyNode):
                 personalized_negative, latent, seed, steps, cfg, sampler_name, scheduler, lambda1) -> io.NodeOutput:
         if not 0 <= lambda1 <= steps:
             raise ValueError(f"λ1 = {lambda1} is outside the {steps} steps: give 0 ≤ λ1 ≤ steps.")
+        if _family(vanilla) != _family(personalized):
+            raise ValueError(f"the vanilla model is {_family(vanilla)} but the personalized model is "
+                             f"{_family(personalized)}: one latent passes from the first to the second, so both must "
+                             "be of one family (e.g. SD1.5 and a DreamBooth/LoRA of SD1.5).")
         out = latent
         if lambda1 > 0:
             out = host_nodes.common_ksampler(vanilla, seed, steps, cfg, sampler_name, scheduler, vanilla_positive,
@@ -81,6 +85,13 @@ class StepBlendSampler(io.ComfyNode):
                                              disable_noise=lambda1 > 0, start_step=lambda1, last_step=steps,
                                              force_full_denoise=True)[0]
         return io.NodeOutput(out)
+
+
+def _family(model) -> str:
+    """A model family as the host detects it (its config class, latent format and text-context width)."""
+    base = model.model
+    return (f"{type(base.model_config).__name__} ({type(base.latent_format).__name__} latents, "
+            f"{base.model_config.unet_config.get('context_dim')}-wide text context)")
 
 
 def _swap_layers(layers, rule):
@@ -98,7 +109,8 @@ def _stack(conditionings):
     """One CONDITIONING entry whose batch holds one prompt per path (host notes §2.7: per-item prompts)."""
     entries = [c[0] for c in conditionings]
     if len({e[0].shape[1:] for e in entries}) != 1:
-        raise ValueError("the reference and target prompts encode to different token lengths: keep both under 75 tokens.")
+        raise ValueError("'reference_positive' and 'target_positive' encode to different token lengths (they run as "
+                         "one batch): keep both prompts under 75 tokens.")
     extra = dict(entries[0][1])
     if all("pooled_output" in e[1] for e in entries):
         extra["pooled_output"] = torch.cat([e[1]["pooled_output"] for e in entries])
@@ -107,7 +119,7 @@ def _stack(conditionings):
 
 def _pinned(choice, name):
     if choice not in (PINNED, FREE):
-        raise ValueError(f"{name} must be {PINNED!r} or {FREE!r}, got {choice!r}.")
+        raise ValueError(f"'{name}' must be {PINNED!r} or {FREE!r}, got {choice!r}.")
     return choice == PINNED
 
 
@@ -190,28 +202,31 @@ class MultiSourceAttnSwap(io.ComfyNode):
         for inversion, name in ((reference, "the reference inversion"), (layout, "the layout inversion")):
             require_same_model(inversion, model, name)
         if not torch.equal(reference.sigmas, layout.sigmas):
-            raise ValueError("the reference and layout were inverted with different steps or schedulers: invert both "
+            raise ValueError("'reference' and 'layout' were inverted with different steps or schedulers: invert both "
                              "with the same settings.")
         if reference.trajectory.shape[-2:] != layout.trajectory.shape[-2:]:
-            raise ValueError(f"the reference ({tuple(reference.trajectory.shape[-2:])} latent) and the layout "
+            raise ValueError(f"'reference' ({tuple(reference.trajectory.shape[-2:])} latent) and 'layout' "
                              f"({tuple(layout.trajectory.shape[-2:])}) differ in size: resize the reference image to "
                              "the layout's size before inverting it (they run as one batch).")
         sigmas = reference.sigmas
         steps = len(sigmas) - 1
         lambda2, blend_start = _paper_steps(lambda2, blend_start, steps)
-        if not 0 <= lambda2 <= steps or blend_start < 1:
-            raise ValueError(f"λ2 = {lambda2} and blend start = {blend_start} must lie in the {steps} steps "
-                             "(0 ≤ λ2 ≤ steps, blend start ≥ 1).")
+        if not 0 <= lambda2 <= steps:
+            raise ValueError(f"'lambda2' = {lambda2} is outside the inversions' {steps} steps: give 0 ≤ lambda2 ≤ {steps}, "
+                             "or -1 for the paper's 10 of 50 scaled.")
+        if blend_start < 1:
+            raise ValueError(f"'blend_start' = {blend_start}: steps count from 1. Give 1 or more (more than {steps}: no "
+                             "blending), or -1 for the paper's 31 of 50 scaled.")
         swap = _swap_layers(all_layers, swap_layers)
         blend = _swap_layers(all_layers, blend_layers)
         height, width = (host.PIXELS_PER_LATENT * n for n in layout.trajectory.shape[-2:])
         state = SwapState()
         patched, store = cls._patch(model, all_layers, swap, blend, state, clip, prompt, words, blend_start)
         if blend and blend_start <= steps and store is None and mask is None:
-            raise ValueError("blending needs a mask: give object words (with clip and prompt) and/or a MASK, or set "
-                             "blend_start beyond the step count.")
+            raise ValueError("blending needs a mask: give 'words' (with 'clip' and 'prompt') and/or a 'mask', empty "
+                             f"'blend_layers', or set 'blend_start' beyond the {steps} steps.")
         if mask is not None and abs(mask.shape[-1] / mask.shape[-2] - width / height) > 0.01:
-            raise ValueError(f"the MASK is {mask.shape[-1]}×{mask.shape[-2]} but the layout is {width}×{height}: "
+            raise ValueError(f"'mask' is {mask.shape[-1]}×{mask.shape[-2]} but the layout is {width}×{height}: "
                              "give a mask of the layout image.")
 
         def blend_mask():
@@ -275,7 +290,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
         patched = model.clone()
         if words.strip():
             if clip is None or not prompt.strip():
-                raise ValueError("object words need the clip and the prompt (y_p as text) to locate them.")
+                raise ValueError("'words' need the 'clip' and the 'prompt' (y_p as text) inputs to locate them.")
             queries = parse_words(words)
             positions, prompt_len = host.prompt_word_positions(clip, prompt, queries)
             decoder = select_layers(all_layers, "decoder", kind="cross")   # decoder maps align best (P&D §3.1)

@@ -213,22 +213,48 @@ def test_auto_mask_same_input_same_image_and_the_model_is_untouched(env):
     assert (repr(copy.deepcopy(env.personalized.model_options)), repr(env.personalized.patches.keys())) == before
 
 
-def test_bad_inputs_are_refused(env):
-    with pytest.raises(ValueError, match="λ2 = 9 and blend start"):
-        stage2(env, lambda2=STEPS + 1)
+def test_bad_inputs_are_refused_naming_real_inputs(env):
+    """Every refusal says what to change, and each input it names in quotes is one the node has (issue 9 §3: the
+    blend-start message named inputs the node does not have)."""
+    import re
+    schema = env.lnr.MultiSourceAttnSwap.define_schema()
+    inputs = {i.id for i in schema.inputs}
+    cases = [
+        (dict(lambda2=STEPS + 1), "'lambda2' = 9 is outside the inversions' 8 steps"),
+        (dict(lambda2=2, blend_start=0), "'blend_start' = 0: steps count from 1"),
+        (dict(words=""), "blending needs a mask"),
+        (dict(words="dog", mask=torch.ones(1, 64, 32)), "give a mask of the layout image"),
+        (dict(words="dog", reference=invert(env, env.images[0][:, :32])[0]), "differ in size"),
+        (dict(words="dog", reference=invert(env, env.images[0], steps=STEPS + 2)[0]), "different steps or schedulers"),
+        (dict(words="dog", paths=("pinned", "pinnned")), "'layout_path' must be 'pinned' or 'free-running'"),
+    ]
+    for kwargs, said in cases:
+        with pytest.raises(ValueError, match=said) as refused:
+            stage2(env, **kwargs)
+        named = set(re.findall(r"'([a-z_0-9]+)'", str(refused.value))) - {"pinned", "pinnned", "free-running"}
+        assert named and named <= inputs, (str(refused.value), named - inputs)
+    with pytest.raises(ValueError, match="'words' need the 'clip' and the 'prompt'"):
+        with torch.inference_mode():
+            env.lnr.MultiSourceAttnSwap.execute(env.personalized, env.reference, env.layout, env.encode(Y_R),
+                                                env.encode(Y_P), env.encode(""), 7.5, 2, 5, "auto", "auto", None, "",
+                                                "dog", None, 0.1)
     with pytest.raises(ValueError, match="'cat' is not a word of the prompt"):
         stage2(env, words="cat")
-    with pytest.raises(ValueError, match="blending needs a mask"):
-        stage2(env, words="")
-    with pytest.raises(ValueError, match="give a mask of the layout image"):
-        stage2(env, words="dog", mask=torch.ones(1, 64, 32))
-    small = invert(env, env.images[0][:, :32])[0]
-    with pytest.raises(ValueError, match="differ in size"):
-        stage2(env, words="dog", reference=small)
     with pytest.raises(ValueError, match="different model"):
         stage2(env, words="dog", reference=invert(env, env.images[0], model=env.model)[0])
-    with pytest.raises(ValueError, match="different steps or schedulers"):
-        stage2(env, words="dog", reference=invert(env, env.images[0], steps=STEPS + 2)[0])
+
+
+def test_step_blend_refuses_models_of_different_families(env):
+    """Issue 9 §3: an SD1 vanilla and an SDXL personalized model (one latent passes from one to the other)."""
+    sdxl, sdxl_clip, _ = env.tiny.tiny_sdxl()
+    encode_xl = lambda text: sdxl_clip.encode_from_tokens_scheduled(sdxl_clip.tokenize(text))
+    pos, neg = env.encode("a photo of a dog"), env.encode("")
+    with pytest.raises(ValueError, match=r"the vanilla model is \w*SD15 \(SD15 latents, 64-wide text context\) but the "
+                                         r"personalized model is \w*SDXL \(SDXL latents, \d+-wide text context\)"):
+        with torch.inference_mode():
+            env.lnr.StepBlendSampler.execute(env.model, sdxl, pos, neg, encode_xl(Y_P), encode_xl(""),
+                                             {"samples": torch.zeros(1, 4, 8, 8)}, 0, STEPS, 7.5, "ddim", "ddim_uniform",
+                                             3)
 
 
 def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env):
