@@ -1,12 +1,14 @@
-"""The example input images: every image a shipped workflow loads is shipped, and the shipped files are what the script draws."""
+"""Every file a shipped workflow needs is named in the README's "Models and inputs"; every image it loads is shipped, as the script draws it."""
 import importlib.util
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
 
-WORKFLOWS = pathlib.Path(__file__).resolve().parents[2] / "workflows"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "workflows"
 INPUTS = WORKFLOWS / "inputs"
 
 
@@ -19,6 +21,27 @@ def make_inputs():
 
 def loaded_images(path):
     return {n["widgets_values"][0] for n in json.loads(path.read_text())["nodes"] if n["type"] == "LoadImage"}
+
+
+def files_named(path):
+    """Model and image files in the workflow's widgets, and the embeddings its prompts call (notes aside)."""
+    names = set()
+    for node in json.loads(path.read_text())["nodes"]:
+        for value in node.get("widgets_values") if node["type"] != "Note" else []:
+            if isinstance(value, str):
+                names |= set(re.findall(r"[\w.-]+\.(?:safetensors|ckpt|pth|pt|png|jpg)\b", value))
+                names |= set(re.findall(r"embedding:(\w+)", value))
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
+def test_the_readme_names_every_file_a_workflow_needs(path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Models and inputs", 1)[1].split("\n## ", 1)[0]
+    assert path.name in section, "the workflow has a row in the table"
+    assert files_named(path), "the workflow names its files"
+    missing = sorted(name for name in files_named(path) if name not in section)
+    assert not missing, f"not in the README's 'Models and inputs': {missing}"
 
 
 @pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.stem)
