@@ -41,6 +41,8 @@ def node_needs(node: dict, workflow: dict, node_classes: dict) -> int:
 
     if node["type"] in NOTES:
         return needed_height(0, 0, [True])
+    if node["type"] == "Reroute":           # a frontend-only dot: one input, one output, no widgets
+        return needed_height(1, 1, [])
     if node["type"] == "PrimitiveNode":
         # its widget is a copy of the input it feeds (plus a control after a number)
         link = next(link for link in workflow["links"] if link[1] == node["id"])
