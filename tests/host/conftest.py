@@ -1,32 +1,53 @@
 """Host tier: tests that run the real ComfyUI (the checkout at ``$COMFYUI_PATH``) in-process on CPU.
 
-Without ``COMFYUI_PATH`` nothing in this directory is collected, so the core tier runs alone;
-a test file named explicitly on the command line is still collected, and the ``host`` fixture
-skips it. With it, the host is loaded once per session (``harness.load_host``).
+Without ``COMFYUI_PATH`` only ``test_host_tier.py`` is collected here and its test is skipped with
+the reason, so the summary line of ``pytest tests -q`` says "1 skipped" and the line above it says
+why (a test file named explicitly on the command line is still collected, and the ``host`` fixture
+skips it too). With it, the host's requirements must be importable (``.ci/install`` puts them in),
+and the host is loaded once per session (``harness.load_host``).
 """
+import importlib.util
 import os
+import pathlib
 
 import pytest
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+NOT_RUN = "host tier not run: COMFYUI_PATH is unset (point it at a ComfyUI checkout, README 'Tests')"
+# modules of the host's requirements.txt that loading the host imports first
+HOST_MODULES = ("PIL", "yaml", "einops", "transformers", "torchsde", "aiohttp", "torchvision", "safetensors")
 
 # the tiny pack is loaded by the host, never by pytest
 collect_ignore = ["tinypack"]
 if not COMFYUI_PATH:
-    collect_ignore_glob = ["*"]
+    collect_ignore += [p.name for p in pathlib.Path(__file__).parent.glob("test_*.py") if p.name != "test_host_tier.py"]
+
+
+def pytest_configure(config):
+    if COMFYUI_PATH:
+        missing = [m for m in HOST_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise pytest.UsageError(
+                f"the host tier (COMFYUI_PATH={COMFYUI_PATH}) needs the host's requirements in this Python, "
+                f"missing {', '.join(missing)}: run .ci/install with COMFYUI_PATH set (README 'Tests')")
 
 
 def pytest_report_header(config):
     if not COMFYUI_PATH:
-        return "host tier (tests/host): not collected, COMFYUI_PATH is unset"
+        return NOT_RUN
     return f"host tier (tests/host): ComfyUI at {COMFYUI_PATH}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not COMFYUI_PATH:
+        terminalreporter.write_line(NOT_RUN, yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     """The real host, loaded once with every folder it writes under a session tmp dir (``harness.Host``)."""
     if not COMFYUI_PATH:
-        pytest.skip("COMFYUI_PATH is unset: the host tier needs a ComfyUI checkout")
+        pytest.skip(NOT_RUN)
     import harness
     import torch
 
