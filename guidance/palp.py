@@ -19,6 +19,9 @@ A training step (one image, one σ, one shared ε) reads:
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +134,57 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample [B] value shaped to broadcast against ``like`` [B, ...]."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     return value.view(-1, *([1] * (like.dim() - 1))) if value.dim() == 1 else value
+
+
+# --- the trainable adapter ------------------------------------------------------------------------
+
+
+class LoRAAdapter(torch.nn.Module):
+    """A host weight wrapper W ↦ W + (alpha/rank)·up@down (LoRA, PALP §4.1), switchable off.
+
+    Off, it returns W unchanged: the frozen pre-trained model G_θ of Eq. 6. The update is computed in
+    fp32 and cast to the weight's dtype, as the host's own LoRA patching does, so a saved file loaded
+    by the host's LoRA loader gives the same weights.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
+        super().__init__()
+        self.down = torch.nn.Parameter(down)
+        self.up = torch.nn.Parameter(up)
+        self.alpha = alpha
+        self.enabled = True
+
+    @classmethod
+    def create(cls, weight_shape, rank: int, gen: torch.Generator, device) -> "LoRAAdapter":
+        """down ~ U(±1/√fan_in) (PyTorch's Linear init), up = 0: training starts at the base model."""
+        out_features, in_features = weight_shape[0], math.prod(weight_shape[1:])
+        bound = 1 / math.sqrt(in_features)
+        down = (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound
+        return cls(down.to(device), torch.zeros(out_features, rank, device=device), float(rank))
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def frozen(self) -> "LoRAAdapter":
+        adapter = LoRAAdapter(self.down.detach().clone(), self.up.detach().clone(), self.alpha)
+        adapter.requires_grad_(False)
+        return adapter
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        delta = (self.up.to(weight.device) @ self.down.to(weight.device)) * (self.alpha / self.rank)
+        return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def adapters_off(adapters):
+    """The frozen base model of Eq. 6 (G_θ with no LoRA), on the same clone."""
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True
