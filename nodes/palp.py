@@ -195,11 +195,13 @@ class PALPTrainer(io.ComfyNode):
             negative = conditioning(*(_clone(t) for t in host.encode_text(clip, "")))
 
         def encode(tokens):
+            """y_P's (context, pooled vector) with the learned tokens spliced in, differentiable in them."""
             spliced, _ = splice(tokens, vectors, towers_)
             # the host's CLIP layers add residuals in place (x += …) after a layer norm has saved x, which
             # autograd refuses; saving copies makes the text encoder differentiable without touching it
             with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
-                return text_worker.encode_from_tokens(spliced, return_dict=True)["cond"]
+                out = text_worker.encode_from_tokens(spliced, return_dict=True)
+            return out["cond"], out["pooled_output"]
 
         def sigma_of(fraction):
             sigma = sampling.percent_to_sigma(1.0 - fraction)

@@ -13,8 +13,10 @@ Trainables (never on the caller's MODEL or CLIP):
   tokenizer accepts tensors in token lists) and reaching the UNet through a frozen text encoder whose
   weights are fresh copies too.
 
-SDXL: the personalized prompt's per-token context carries the learned token; the pooled vector (SDXL's
-``adm`` input) stays the target prompt's, so the token gets no gradient through clip_g's pooled output.
+Conditioning: every branch runs under its own prompt's encoding, per-token context and (SDXL) pooled
+vector with the size embeddings alike: ε*(x_t, y_P) and G^β(x̂_t, y_P) under y_P's (the learned token's
+encoding, so on SDXL the token also learns through clip_g's pooled output), G^α(x̂_t, y_c) under the target
+prompt's, and the unconditional halves under ∅'s.
 """
 from __future__ import annotations
 
@@ -212,6 +214,10 @@ def _generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, step, micro)) & 0xFFFF_FFFF_FFFF)
 
 
+def _detached(tensor):
+    return None if tensor is None else tensor.detach()
+
+
 def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
     """ε from the host's x0 prediction in σ-space (x = x0 + σ ε)."""
     return ((x - denoised) / sigma).float()
@@ -221,7 +227,8 @@ class Trainer:
     """The training loop of PALP (§4.2-4.4), run by ``run_loop`` inside ``CFGGuider.sample``.
 
     Branches: "positive" is the target prompt y_c (the base model's CFG branch), "negative" the empty
-    prompt ∅; the personalized prompt y_P replaces the positive branch's context.
+    prompt ∅; the personalized prompt y_P replaces the positive branch's context and pooled vector
+    (``Loop.denoise`` re-encodes the entry through the host's ``extra_conds``).
     """
 
     def __init__(self, settings: Settings, state: State, subjects: list[Subject], encode, sigma_of, paths: Paths,
@@ -240,8 +247,8 @@ class Trainer:
         sigma = self.sigma_of(s.timestep_min + (s.timestep_max - s.timestep_min) * torch.rand((), generator=gen).item())
         eps = torch.randn(x0.shape, generator=gen).to(x0)
         x_t = renoise(x0, eps, sigma)
-        context = self.encode(subject.tokens)                       # y_P with the learned token, with grad
-        eps_pred = _eps(x_t, loop.denoise(x_t, sigma, "positive", context=context), sigma)
+        context, pooled = self.encode(subject.tokens)               # y_P with the learned token, with grad
+        eps_pred = _eps(x_t, loop.denoise(x_t, sigma, "positive", context=context, pooled=pooled), sigma)
         personalization = personalization_loss(eps_pred, eps.float())
         if s.alignment_weight == 0:
             return personalization, personalization.item(), 0.0
@@ -252,7 +259,8 @@ class Trainer:
             with adapters_off(self.state.adapters.values()):
                 base_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive"), sigma)
                 base_uncond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "negative"), sigma)
-            pers_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive", context=context.detach()), sigma)
+            pers_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive", context=context.detach(),
+                                                   pooled=_detached(pooled)), sigma)
             # at β = 1 Eq. 5's unconditional term has weight 0: skip its UNet pass
             pers_uncond = pers_cond if s.beta == 1 else _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "negative"), sigma)
         residual = palp_residual(base_cond, base_uncond, pers_cond, pers_uncond, s.alpha, s.beta)

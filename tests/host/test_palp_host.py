@@ -303,3 +303,45 @@ def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
         loaded, _ = comfy.sd.load_lora_for_models(sdxl[0], None, lora, 1.0, 0.0)
     assert len(loaded.patches) == len({k.rsplit(".lora_", 1)[0] for k in lora if ".lora_" in k}) > 0
     assert curves.shape[-1] == 3 and torch.isfinite(curves).all()
+
+
+def test_every_branch_runs_under_its_own_prompts_conditioning_on_sdxl(host, pack, mod, subject):
+    """Issue 10: ε*(x_t, y_P), G^α(x̂_t, y_c), G^α(x̂_t, ∅), G^β(x̂_t, y_P), G^β(x̂_t, ∅) each see their own prompt's
+    per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for that prompt."""
+    import tiny_models
+    model, clip, vae = tiny_models.tiny_sdxl()
+    seen = []
+
+    def watch(apply_model, args):
+        c = args["c"]
+        seen.append((c["c_crossattn"].detach().clone(), c["y"].detach().clone()))
+        return apply_model(args["input"], args["timestep"], **c)
+
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(watch)
+    # lr 0: the learned token stays at its start, so embedding:<save_name> encodes the y_P every pass used;
+    # β ≠ 1: the personalized unconditional pass runs too
+    _, out_clip, _ = train(mod, (watched, clip, vae), subject, save_name="xl_branches", steps=1, batch_size=1,
+                           gradient_accumulation=1, learning_rate=0.0, beta=2.0)
+    assert len(seen) == 5
+    trained = list(seen)
+
+    def fresh(text):
+        """What the UNet receives for ``text`` encoded afresh by CLIPTextEncode, through the host's own conds."""
+        sampling, inversion, host_mod = pack("nodes.sampling"), pack("nodes.inversion"), pack("nodes.host")
+        seen.clear()
+        cond = inversion.conditioning(*host_mod.encode_text(out_clip, text))
+        with torch.inference_mode():
+            sampling.run_loop(watched, cond, cond, torch.zeros(1, 4, SIDE // 8, SIDE // 8), torch.tensor([1.0, 0.0]),
+                              lambda loop, x, sigmas: (x, loop.denoise(x, 1.0)))
+        return seen[0]
+
+    y_p, y_c, empty = "a photo of embedding:xl_branches", "a sketch of a dog in Paris", ""
+    expected = [fresh(y_p), fresh(y_c), fresh(empty), fresh(y_p), fresh(empty)]
+    names = ["ε*(x_t, y_P)", "G^α(x̂_t, y_c)", "G^α(x̂_t, ∅)", "G^β(x̂_t, y_P)", "G^β(x̂_t, ∅)"]
+    pooled_width = expected[0][1].shape[-1] - 6 * 256      # SDXL: y = pooled ⊕ six 256-wide size embeddings
+    assert not torch.allclose(expected[0][1][:, :pooled_width], expected[1][1][:, :pooled_width], atol=1e-4)
+    for name, (context, y), (want_context, want_y) in zip(names, trained, expected):
+        assert torch.allclose(context, want_context, atol=1e-5), f"{name}: cross-attention context"
+        assert torch.allclose(y, want_y, atol=1e-5), f"{name}: pooled/size embedding y " \
+            f"(max difference {(y - want_y).abs().max().item():.3g})"
