@@ -140,11 +140,13 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
 
 
 class LoRAAdapter(torch.nn.Module):
-    """A host weight wrapper W ↦ W + (alpha/rank)·up@down (LoRA, PALP §4.1), switchable off.
+    """LoRA (Hu et al. 2022, PALP §4.1) of one projection h = W x: h = W x + (alpha/rank)·up(down x), switchable off.
 
-    Off, it returns W unchanged: the frozen pre-trained model G_θ of Eq. 6. The update is computed in
-    fp32 and cast to the weight's dtype, as the host's own LoRA patching does, so a saved file loaded
-    by the host's LoRA loader gives the same weights.
+    Two ways to apply it: ``branch(x)`` is the low-rank branch, computed in fp32 (what training adds to the
+    base projection, so a bf16 UNet sees the adapter from the first step); called on a weight, it is a host
+    weight wrapper W ↦ W + (alpha/rank)·up@down merged in fp32 and cast to the weight's dtype, as the host's
+    own LoRA loader merges a file, so a saved LoRA loaded by the host gives the same weights. Off, both leave
+    the base projection alone: the frozen pre-trained model G_θ of Eq. 6.
     """
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
@@ -170,6 +172,11 @@ class LoRAAdapter(torch.nn.Module):
         adapter = LoRAAdapter(self.down.detach().clone(), self.up.detach().clone(), self.alpha)
         adapter.requires_grad_(False)
         return adapter
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/rank)·up(down x) in fp32, x [..., in_features] (the caller honours ``enabled``)."""
+        down, up = self.down.to(x.device, torch.float32), self.up.to(x.device, torch.float32)
+        return F.linear(F.linear(x.float(), down), up) * (self.alpha / self.rank)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -23,7 +23,8 @@ from .checkpointing import with_gradient_checkpointing
 from .inversion import conditioning
 from .palp_files import Paths, read_checkpoint, write_results
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
-                         class_word_vector, image_tensor, loss_plot, splice, square, towers, with_embedding_dirs)
+                         class_word_vector, image_tensor, install, loss_plot, splice, square, towers,
+                         with_embedding_dirs)
 from .sampling import fresh_weights, run_loop
 
 CATEGORY = "personalize/palp"
@@ -98,7 +99,9 @@ class PALPTrainer(io.ComfyNode):
                              tooltip="Training side in pixels (SD1.x: 512, SDXL: 1024)."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="fp32",
                                tooltip="UNet compute dtype while training; LoRA, token and optimizer stay fp32. "
-                                       "bf16 halves activation memory."),
+                                       "bf16 halves activation memory; the LoRA'd attention projections still "
+                                       "compute in fp32 with the LoRA as a separate branch, so its first small "
+                                       "updates reach the forward."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute each UNet block's activations during backward instead of keeping "
                                          "them: much less memory for a slower step (bench/RESULTS.md). Same result."),
@@ -169,8 +172,7 @@ class PALPTrainer(io.ComfyNode):
         worker = fresh_weights(model, PRECISIONS[precision])
         if gradient_checkpointing:
             worker = with_gradient_checkpointing(worker)
-        for name, adapter in adapters.items():
-            worker.add_weight_wrapper(f"{name}.weight", adapter)
+        install(worker, adapters)
         text_worker = clip.clone()
         text_worker.patcher = fresh_weights(clip.patcher)
         latent_format = model.get_model_object("latent_format")

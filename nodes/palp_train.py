@@ -5,10 +5,12 @@ trainables' state, the learned token's text towers and the loop that ``sampling.
 ``CFGGuider.sample``. The node is ``nodes/palp.py``; the files are ``nodes/palp_files.py``.
 
 Trainables (never on the caller's MODEL or CLIP):
-- LoRA adapters (Hu et al. 2022) on the self- and cross-attention projections, installed as the host's
-  weight wrappers (``add_weight_wrapper``) on a clone whose other weights are fresh copies
-  (``fresh_weights``); each has an on/off flag, so the frozen base branch of Eq. 6 is the same clone with
-  the adapters off (two clones of one base cannot be resident together);
+- LoRA adapters (Hu et al. 2022) on the self- and cross-attention projections, each a separate low-rank
+  branch beside its projection (:class:`LoRAProjection`, an object patch of the projection's ``forward`` on
+  a clone whose weights are fresh copies, ``fresh_weights``); each has an on/off flag, so the frozen base
+  branch of Eq. 6 is the same clone with the adapters off (two clones of one base cannot be resident
+  together). The MODEL the node returns merges them as weight wrappers instead, as the host's LoraLoader
+  merges the saved file;
 - one token vector per placeholder and text tower, spliced into the tokenized prompt (the host's
   tokenizer accepts tensors in token lists) and reaching the UNet through a frozen text encoder whose
   weights are fresh copies too.
@@ -29,9 +31,11 @@ import re
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import comfy.model_management
+import comfy.ops
 import comfy.sd1_clip
 import comfy.utils
 
@@ -56,6 +60,35 @@ def attention_projections(model) -> list[tuple[str, tuple]]:
         raise ValueError("this MODEL has no attention projections named attn1/attn2.to_q/to_k/to_v/to_out: "
                          "PALP trains LoRA on a Stable Diffusion UNet (SD1.x, SDXL).")
     return found
+
+
+class LoRAProjection:
+    """A projection's forward while training: h = W x + b + (alpha/rank)·up(down x), in fp32, rounded once.
+
+    Merged into a bf16 weight (W + ΔW rounded to bf16) the adapter is lost wherever ΔW is below half a
+    rounding step of W — everywhere for the first tens of steps, when up ≈ steps·lr (issue 9). Here the
+    projection's output is computed in fp32 with the branch added and rounded once to the compute dtype, so
+    the forward (and Eq. 1's loss) moves with the adapter from the first step, in bf16 as in fp32. The base
+    weight and bias still come through the host's casting, with its weight patches and wrappers (the fresh
+    copies, other LoRAs); in fp32 this is exactly the merged (W + ΔW) x.
+    """
+
+    def __init__(self, module: torch.nn.Module, adapter: LoRAAdapter):
+        self.module, self.adapter = module, adapter
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = comfy.ops.cast_bias_weight(self.module, x, dtype=torch.float32, bias_dtype=torch.float32)
+        out = F.linear(x.float(), weight, bias)
+        if self.adapter.enabled:
+            out = out + self.adapter.branch(x)
+        return out.to(x.dtype)
+
+
+def install(worker, adapters: dict[str, LoRAAdapter]) -> None:
+    """Put each adapter beside its projection on the clone ``worker`` (an object patch of its ``forward``)."""
+    modules = dict(worker.model.named_modules())
+    for name, adapter in adapters.items():
+        worker.add_object_patch(f"{name}.forward", LoRAProjection(modules[name], adapter))
 
 
 # --- text towers and the learned token ---------------------------------------------------------

@@ -237,12 +237,47 @@ def test_bf16_trains_with_finite_losses_close_to_fp32(host, mod, sd1, subject):
     fp32, bf16 = first_losses(host, "fp32"), first_losses(host, "bf16")
     print(f"\nfirst-step losses (personalization, alignment): fp32 {[c[0].item() for c in fp32]}, "
           f"bf16 {[c[0].item() for c in bf16]}")
-    for a, b in zip(fp32, bf16):
+    # the alignment residual r (≈ 0.017 per element on the tiny model) is a difference of two predictions of
+    # size ≈ 1, each rounded to bf16 (step 2^-8 ≈ 0.004): mean(r²) is known to ~±20% in bf16, the MSE to ~1%
+    for a, b, rel in zip(fp32, bf16, (0.05, 0.25)):
         assert torch.isfinite(b).all()
-        assert b[0].item() == pytest.approx(a[0].item(), rel=0.05)
+        assert b[0].item() == pytest.approx(a[0].item(), rel=rel)
     lora = load_file(host.base_dir / "models" / "loras" / "bf16.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
     assert max(v.abs().max().item() for k, v in lora.items() if "lora_up" in k) > 0
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_a_bf16_projection_moves_with_a_first_steps_lora_as_fp32_does(pack, steps):
+    """Issue 9: after k Adam steps at the paper's lr every LoRA up entry is about ±k·5e-5, far below half a bf16
+    rounding step of the weights (±1.2e-4 at |W| = 0.03), so W + ΔW merged in bf16 is W and the forward does not
+    move. The training projection adds the fp32 branch to the fp32 output and rounds once: averaged over its
+    outputs, the bf16 change then equals the exact branch (the rounding dithers), as in fp32."""
+    import comfy.ops
+    guidance, palp_train = pack("guidance.palp"), pack("nodes.palp_train")
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode(False), torch.no_grad():
+        linear = comfy.ops.disable_weight_init.Linear(320, 320, bias=False, dtype=torch.bfloat16)
+        linear.weight.copy_(torch.randn(320, 320, generator=gen) * 0.03)
+        adapter = guidance.LoRAAdapter.create((320, 320), 32, gen, "cpu")
+        adapter.up.copy_((torch.randint(0, 2, adapter.up.shape, generator=gen) * 2 - 1) * 5e-5 * steps)
+        x = torch.randn(4096, 320, generator=gen).to(torch.bfloat16)
+        exact = adapter.branch(x)                                   # the fp32 change, (alpha/rank)·up(down x)
+        projection = palp_train.LoRAProjection(linear, adapter)
+        on = projection(x).float()
+        with guidance.adapters_off([adapter]):
+            off = projection(x).float()
+        linear.weight_function = [adapter]                          # the merged weight wrapper, as before
+        merged = linear(x).float() - off
+        linear.weight_function = []
+
+    def gain(change):
+        return ((change * exact).sum() / exact.square().sum()).item()
+
+    print(f"\nbf16 projection after {steps} step(s) at lr 5e-5: |branch| {exact.abs().mean():.2e}, output change / "
+          f"exact branch: separate fp32 branch {gain(on - off):.3f}, merged into the bf16 weight {gain(merged):.3f}")
+    assert gain(on - off) == pytest.approx(1.0, abs=0.05)
+    assert projection(x).dtype == torch.bfloat16
 
 
 def test_out_of_memory_says_what_to_lower(host, mod, sd1, subject):
@@ -306,8 +341,8 @@ def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
 
 
 def test_every_branch_runs_under_its_own_prompts_conditioning_on_sdxl(host, pack, mod, subject):
-    """Issue 10: ε*(x_t, y_P), G^α(x̂_t, y_c), G^α(x̂_t, ∅), G^β(x̂_t, y_P), G^β(x̂_t, ∅) each see their own prompt's
-    per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for that prompt."""
+    """Issue 10: ε*(x_t, y_P), G^α(x̂_t, y_c), G^α(x̂_t, ∅), G^β(x̂_t, y_P), G^β(x̂_t, ∅) each see their own
+    prompt's per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for that prompt."""
     import tiny_models
     model, clip, vae = tiny_models.tiny_sdxl()
     seen = []
