@@ -21,7 +21,7 @@ from ..guidance.palp import LoRAAdapter
 from . import host
 from .checkpointing import with_gradient_checkpointing
 from .inversion import conditioning
-from .palp_files import Paths, read_checkpoint, write_results
+from .palp_files import Paths, read_checkpoint, read_results, run_inputs, stale, write_results
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
                          class_word_vector, image_tensor, install, loss_plot, splice, square, towers,
                          with_embedding_dirs)
@@ -112,7 +112,9 @@ class PALPTrainer(io.ComfyNode):
                                         "word embedding:<name>; the second subject's is <name>_2) and "
                                         "output/palp/<name>.checkpoint.safetensors."),
                 io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace existing files of this name; off: refuse."),
+                                 tooltip="Files of this name from a run with other settings or inputs: on, train "
+                                         "again and replace them; off, refuse and say what differs. Files from "
+                                         "this very run (a re-queue) are always reused without training."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue from output/palp/<save_name>.checkpoint.safetensors at its step."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
@@ -150,10 +152,20 @@ class PALPTrainer(io.ComfyNode):
                             same_noise, rescale, timestep_min, timestep_max, resolution, precision, seed)
         _check(settings, specs)
         paths = Paths.of(save_name, len(specs))
-        existing = [p for p in paths.results + ([] if resume else [paths.checkpoint]) if os.path.exists(p)]
-        if existing and not overwrite:
-            raise ValueError(f"{', '.join(existing)} already exist: choose another save_name, turn overwrite on, "
-                             "or turn resume on to continue a checkpoint.")
+        inputs = run_inputs(model, clip, vae, [spec[0] for spec in specs])
+        if any(os.path.exists(p) for p in paths.results):
+            differences = stale(paths, settings.record(), inputs)
+            if not differences:         # a re-queue: the files are this run's result, as the host's cache would be
+                log.info("PALP: %s holds this run's result (same settings and inputs): reused, not retrained",
+                         paths.lora)
+                return cls.outputs(model, clip, paths, *read_results(paths.lora), alignment_weight)
+            if not overwrite:
+                raise ValueError(f"output {paths.name!r} exists from a run with different {', '.join(differences)}"
+                                 " (the file's vs this run's): choose another save_name, or turn overwrite on to "
+                                 "train again (with resume on, from its checkpoint).")
+        elif os.path.exists(paths.checkpoint) and not (resume or overwrite):
+            raise ValueError(f"{paths.checkpoint} is left from an unfinished run: turn resume on to continue it, "
+                             "overwrite on to start again, or choose another save_name.")
         if resume and not os.path.exists(paths.checkpoint):
             raise ValueError(f"resume is on but there is no checkpoint {paths.checkpoint}: turn resume off to start.")
 
@@ -220,16 +232,21 @@ class PALPTrainer(io.ComfyNode):
                              + "; ".join(lighter + ["lower batch_size (raise gradient_accumulation to keep the "
                                                     "effective batch), resolution or rank"]) + ".") from e
 
-        write_results(paths, adapters, vectors, settings.metadata(state.step))
+        write_results(paths, adapters, vectors, settings.metadata(state.step, inputs), state.curves)
         log.info("PALP: saved %s and %s after %d steps", paths.lora, ", ".join(paths.embeddings), state.step)
+        return cls.outputs(model, clip, paths, adapters, state.curves, alignment_weight)
 
+    @classmethod
+    def outputs(cls, model, clip, paths: Paths, adapters: dict[str, LoRAAdapter], curves: dict[str, list[float]],
+                alignment_weight: float) -> io.NodeOutput:
+        """The personalized MODEL (the LoRA merged as the host's loader merges it), the CLIP and the curves."""
         personalized = model.clone()
         with torch.inference_mode(False):
             for name, adapter in adapters.items():
                 personalized.add_weight_wrapper(f"{name}.weight", adapter.frozen())
         out_clip = with_embedding_dirs(clip, [os.path.dirname(paths.embeddings[0])])
-        curves = image_tensor(loss_plot(state.curves, alignment_weight))
-        return io.NodeOutput(personalized, out_clip, curves, ui=ui.PreviewImage(curves, cls=cls))
+        image = image_tensor(loss_plot(curves, alignment_weight))
+        return io.NodeOutput(personalized, out_clip, image, ui=ui.PreviewImage(image, cls=cls))
 
 
 def _clone(tensor):

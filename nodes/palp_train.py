@@ -196,8 +196,14 @@ class Settings:
     precision: str
     seed: int
 
-    def metadata(self, step: int) -> dict[str, str]:
-        return {"palp_settings": json.dumps(dataclasses.asdict(self)), "palp_step": str(step)}
+    def record(self) -> dict:
+        """The settings as the files' metadata holds them (JSON-normal)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def metadata(self, step: int, inputs: dict | None = None) -> dict[str, str]:
+        """Every file's metadata: the settings, the step and (results) the fingerprints of the run's inputs."""
+        out = {"palp_settings": json.dumps(self.record()), "palp_step": str(step)}
+        return out if inputs is None else {**out, "palp_inputs": json.dumps(inputs)}
 
 
 class State:

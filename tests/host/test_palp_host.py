@@ -183,13 +183,18 @@ def test_cancel_keeps_a_valid_checkpoint_and_resume_continues_from_its_step(host
 @pytest.mark.parametrize("overrides, message", [
     (dict(personalization_prompt="a photo of a dog"), "does not contain the placeholder"),
     (dict(target_prompt="a sketch of [V]"), "clean prompt"),
-    (dict(save_name="dog"), "already exist"),
+    (dict(save_name="dog"), r"output 'dog' exists from a run with different steps \(30 vs 8\)"),
     (dict(save_name="nothing", resume=True), "no checkpoint"),
     (dict(timestep_min=0.5, timestep_max=0.5), "is empty"),
 ])
 def test_refusals(mod, sd1, subject, trained, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(mod, sd1, subject, **overrides)
+
+
+def test_same_settings_on_other_images_is_refused_naming_the_images(mod, sd1, subject, trained):
+    with pytest.raises(ValueError, match=r"exists from a run with different subject images \(the file's"):
+        train(mod, sd1, subject.flip(1), save_name="dog", steps=30)
 
 
 def test_alpha_not_above_beta_warns_and_still_trains(host, mod, sd1, subject, caplog):
@@ -295,25 +300,33 @@ def test_out_of_memory_says_what_to_lower(host, mod, sd1, subject):
     assert not (host.base_dir / "models" / "loras" / "oom.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["palp_subject_to_prompt.json", "palp_multi_subject_art.json"])
-def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
+def tiny_workflow(host, subject, name, **widgets):
+    """A shipped PALP workflow with the subject images in place and a few tiny steps (the files keep the paper's
+    settings); ``widgets`` sets PALPTrainer widgets by index."""
     import json
     import pathlib
-    import harness
     from PIL import Image
     for file, image in (("subject.png", subject[0]), ("art.png", subject[1])):
         Image.fromarray((image.numpy() * 255).astype("uint8")).save(host.input_dir / file)
     workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / name).read_text())
-    for node in workflow["nodes"]:      # test-only: a few tiny steps (the files keep the paper's settings)
+    for node in workflow["nodes"]:
         if node["type"] == "PALPTrainer":
             node["widgets_values"][4] = 3          # steps
             node["widgets_values"][7] = 1          # gradient accumulation
             node["widgets_values"][8] = 4          # rank
             node["widgets_values"][16] = SIDE      # resolution
+            for index, value in widgets.items():
+                node["widgets_values"][int(index)] = value
         if node["type"] == "KSampler":
             node["widgets_values"][2] = 3
+    return workflow, {n["type"]: str(n["id"]) for n in workflow["nodes"]}
+
+
+@pytest.mark.parametrize("name", ["palp_subject_to_prompt.json", "palp_multi_subject_art.json"])
+def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
+    import harness
+    workflow, by_type = tiny_workflow(host, subject, name)
     out = harness.run_workflow(workflow, latent_side=SIDE)
-    by_type = {n["type"]: str(n["id"]) for n in workflow["nodes"]}
     image = out[by_type["VAEDecode"]][0]
     assert image.shape == (1, SIDE, SIDE, 3) and torch.isfinite(image).all()
     curves = out[by_type["PALPTrainer"]][2]
@@ -322,6 +335,29 @@ def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
     assert (host.base_dir / "models" / "loras" / f"{stem}.safetensors").exists()
     assert (host.embeddings_dir / f"{stem}.safetensors").exists()
     assert ("multi" in name) == (host.embeddings_dir / f"{stem}_2.safetensors").exists()
+
+
+def test_requeueing_the_workflow_reuses_its_files_and_a_change_says_what_differs(host, subject, caplog):
+    """Issue 9 §4: each run is a fresh executor (nothing cached, as after a restart); the second run of the same
+    graph reuses the trained files (no training, no error, the same outputs), a changed setting is named."""
+    import copy
+    import harness
+    workflow, by_type = tiny_workflow(host, subject, "palp_subject_to_prompt.json", **{"21": "palp_requeue"})
+    lora = host.base_dir / "models" / "loras" / "palp_requeue.safetensors"
+    first = harness.run_workflow(copy.deepcopy(workflow), latent_side=SIDE)
+    written = lora.stat().st_mtime_ns
+    with caplog.at_level("INFO"):
+        second = harness.run_workflow(copy.deepcopy(workflow), latent_side=SIDE)
+    assert any("reused, not retrained" in r.getMessage() for r in caplog.records)
+    assert not any("PALP step" in r.getMessage() for r in caplog.records)
+    assert lora.stat().st_mtime_ns == written
+    for node, slot in ((by_type["VAEDecode"], 0), (by_type["PALPTrainer"], 2)):
+        assert torch.equal(first[node][slot], second[node][slot])
+
+    changed, _ = tiny_workflow(host, subject, "palp_subject_to_prompt.json", **{"21": "palp_requeue", "4": 4})
+    with pytest.raises(AssertionError, match=r"output 'palp_requeue' exists from a run with different steps \(3 vs 4\)"):
+        harness.run_workflow(changed, latent_side=SIDE)
+    assert lora.stat().st_mtime_ns == written
 
 
 def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
