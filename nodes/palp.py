@@ -201,6 +201,9 @@ class PALPTrainer(io.ComfyNode):
                     raise ValueError(f"the placeholder {ph!r} did not reach the tokenizer from {prompt!r}: keep it "
                                      "outside weights like (…:1.2) and within the first 75 tokens.")
                 latents = latent_format.process_in(vae.encode(square(subject_images, resolution)).float())
+                if not torch.isfinite(latents).all():
+                    raise ValueError("the VAE encoded the subject images to NaN/Inf latents: run the VAE in fp32 "
+                                     "(the host's --fp32-vae) or use another VAE; nothing was trained or saved.")
                 subjects.append(Subject(latents, prompt, tokens))
         with torch.inference_mode(False):
             # normal tensors: autograd refuses to save inference tensors for backward
@@ -259,6 +262,10 @@ def _check(settings: Settings, specs) -> None:
     for images, placeholder, _, prompt in specs:
         if images is None or images.shape[0] == 0:
             raise ValueError("no subject images: connect a batch of one or more images of the subject.")
+        if not torch.isfinite(images).all():
+            bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
+            raise ValueError(f"subject image(s) {bad} of the batch (0-based) contain NaN or Inf values: check the "
+                             "node that made them; nothing was trained or saved.")
         if not placeholder.strip():
             raise ValueError("the placeholder is empty: give the text that stands for the subject, e.g. [V].")
         if placeholder not in prompt:

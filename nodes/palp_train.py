@@ -274,9 +274,23 @@ class Trainer:
                  checkpoint_every: int):
         self.s, self.state, self.subjects, self.encode = settings, state, subjects, encode
         self.sigma_of, self.paths, self.checkpoint_every = sigma_of, paths, checkpoint_every
+        # the step of the checkpoint this run resumed from or wrote: the only one a message may point to
+        self.saved = state.step if state.step else None
 
     def checkpoint(self) -> None:
+        # the parameters are checked finite after every optimizer step, so a checkpoint never holds NaN
         write_checkpoint(self.paths.checkpoint, self.state.tensors(), self.s.metadata(self.state.step))
+        self.saved = self.state.step
+
+    def stop(self, what: str):
+        """End a diverged run with what happened and what is on disk (never a checkpoint that was not written)."""
+        if self.saved is not None:
+            kept = (f"the checkpoint of step {self.saved} ({self.paths.checkpoint}) is kept: turn resume on to "
+                    "continue from it")
+        else:
+            kept = "nothing was saved (no checkpoint was due yet)"
+        raise ValueError(f"{what} at step {self.state.step + 1}: training stopped and {kept}. Lower the learning "
+                         "rate or the alignment weight, or train in fp32.")
 
     def micro_step(self, loop, step: int, micro: int) -> tuple[torch.Tensor, float, float]:
         """One image batch, one σ, one shared ε: the step of ``guidance/palp.py``'s docstring."""
@@ -320,14 +334,13 @@ class Trainer:
                         check_interrupt()       # Cancel stops within one micro-step
                         loss, p, a = self.micro_step(loop, state.step, micro)
                         if not math.isfinite(loss.item()):
-                            raise ValueError(
-                                f"the loss became {loss.item()} at step {state.step + 1}: training stopped and the "
-                                f"last checkpoint ({self.paths.checkpoint}) was kept. Lower the learning rate or "
-                                "the alignment weight, or train in fp32.")
+                            self.stop(f"the loss became {loss.item()}")
                         (loss / s.gradient_accumulation).backward()
                         personalization += p / s.gradient_accumulation
                         alignment += a / s.gradient_accumulation
                     state.optimizer.step()
+                    if not all(torch.isfinite(p).all() for p in state.params):
+                        self.stop("the LoRA or the token became NaN/Inf")
                     state.step += 1
                     state.curves["personalization"].append(personalization)
                     state.curves["alignment"].append(alignment)

@@ -210,12 +210,33 @@ def test_no_images_is_refused(mod, sd1, subject):
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(host, mod, sd1, subject):
-    with pytest.raises(ValueError, match="became nan"):
+    with pytest.raises(ValueError, match="became (nan|NaN)") as error:
         train(mod, sd1, subject, save_name="nan", learning_rate=1e30, steps=20, checkpoint_every=1)
     with safe_open(str(host.output_dir / "palp" / "nan.checkpoint.safetensors"), framework="pt") as f:
         step = int(f.metadata()["palp_step"])
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
-    assert step >= 1
+    assert step >= 1 and f"the checkpoint of step {step} (" in str(error.value)
+    assert not (host.base_dir / "models" / "loras" / "nan.safetensors").exists()
+
+
+def test_a_nan_loss_before_any_checkpoint_claims_none(host, mod, sd1, subject):
+    """Issue 9 §3: the message must not point to a checkpoint that was never written."""
+    with pytest.raises(ValueError, match="became (nan|NaN)") as error:
+        train(mod, sd1, subject, save_name="nan_early", learning_rate=1e30, steps=20, checkpoint_every=0)
+    assert "nothing was saved" in str(error.value) and "checkpoint of step" not in str(error.value)
+    assert not (host.output_dir / "palp" / "nan_early.checkpoint.safetensors").exists()
+    assert not (host.base_dir / "models" / "loras" / "nan_early.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_images_are_refused_before_training(host, mod, sd1, subject, bad):
+    images = subject.clone()
+    images[1, 5, 7, 0] = bad
+    with pytest.raises(ValueError, match=r"subject image\(s\) \[1\] .* contain NaN or Inf"):
+        train(mod, sd1, images, save_name="nan_images", checkpoint_every=1)
+    assert not (host.base_dir / "models" / "loras" / "nan_images.safetensors").exists()
+    assert not (host.embeddings_dir / "nan_images.safetensors").exists()
+    assert not (host.output_dir / "palp" / "nan_images.checkpoint.safetensors").exists()
 
 
 def first_losses(host, name):
