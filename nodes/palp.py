@@ -122,12 +122,15 @@ class PALPTrainer(io.ComfyNode):
                 io.Image.Input("images_2", optional=True,
                                tooltip="Second subject's images (PALP App. E, e.g. a painting to take the style of); "
                                        "each step trains on one subject, drawn at random."),
-                io.String.Input("placeholder_2", default="[V2]", optional=True,
-                                tooltip="The second subject's placeholder; write embedding:<save_name>_2 later."),
-                io.String.Input("class_word_2", default="painting", optional=True,
-                                tooltip="The second subject's class word (its token's starting value)."),
-                io.String.Input("personalization_prompt_2", default="an oil painting of [V2]", optional=True,
-                                tooltip="The second subject's y_P (paper App. E: 'an oil painting of [V2]')."),
+                io.String.Input("placeholder_2", default="", optional=True,
+                                tooltip="Only with images_2 (leave empty otherwise): the second subject's "
+                                        "placeholder, e.g. [V2]; write embedding:<save_name>_2 later."),
+                io.String.Input("class_word_2", default="", optional=True,
+                                tooltip="Only with images_2 (leave empty otherwise): the second subject's class "
+                                        "word, e.g. painting (its token's starting value)."),
+                io.String.Input("personalization_prompt_2", default="", optional=True,
+                                tooltip="Only with images_2 (leave empty otherwise): the second subject's y_P "
+                                        "(paper App. E: 'an oil painting of [V2]')."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The base model with the trained LoRA."),
@@ -142,11 +145,15 @@ class PALPTrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, images, placeholder, class_word, personalization_prompt, target_prompt, steps,
                 learning_rate, batch_size, gradient_accumulation, rank, alpha, beta, alignment_weight, same_noise,
                 rescale, timestep_min, timestep_max, resolution, precision, gradient_checkpointing, seed, save_name,
-                overwrite, resume, checkpoint_every, images_2=None, placeholder_2="[V2]", class_word_2="painting",
-                personalization_prompt_2="an oil painting of [V2]") -> io.NodeOutput:
+                overwrite, resume, checkpoint_every, images_2=None, placeholder_2="", class_word_2="",
+                personalization_prompt_2="") -> io.NodeOutput:
         specs = [(images, placeholder, class_word, personalization_prompt)]
+        second = (placeholder_2, class_word_2, personalization_prompt_2)
         if images_2 is not None:
-            specs.append((images_2, placeholder_2, class_word_2, personalization_prompt_2))
+            specs.append((images_2, *second))
+        elif any(text.strip() for text in second):
+            log.warning("PALP: second-subject texts are set but images_2 is not connected: they are ignored "
+                        "(single-subject training).")
         settings = Settings([s[1] for s in specs], [s[2] for s in specs], [s[3] for s in specs], target_prompt, steps,
                             learning_rate, batch_size, gradient_accumulation, rank, alpha, beta, alignment_weight,
                             same_noise, rescale, timestep_min, timestep_max, resolution, precision, seed)
@@ -259,15 +266,17 @@ def _clone(tensor):
 
 def _check(settings: Settings, specs) -> None:
     """Refuse settings the run cannot use, saying what to change (α ≤ β only warns)."""
-    for images, placeholder, _, prompt in specs:
+    for images, placeholder, class_word, prompt in specs:
+        if not (placeholder.strip() and class_word.strip() and prompt.strip()):
+            raise ValueError("a subject has an empty placeholder, class word or personalization prompt: give all "
+                             "three (with images_2 connected also placeholder_2, class_word_2 and "
+                             "personalization_prompt_2, e.g. [V2], painting, 'an oil painting of [V2]').")
         if images is None or images.shape[0] == 0:
             raise ValueError("no subject images: connect a batch of one or more images of the subject.")
         if not torch.isfinite(images).all():
             bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
             raise ValueError(f"subject image(s) {bad} of the batch (0-based) contain NaN or Inf values: check the "
                              "node that made them; nothing was trained or saved.")
-        if not placeholder.strip():
-            raise ValueError("the placeholder is empty: give the text that stands for the subject, e.g. [V].")
         if placeholder not in prompt:
             raise ValueError(f"the personalization prompt {prompt!r} does not contain the placeholder {placeholder!r}: "
                              f"write it where the subject goes, e.g. 'a photo of {placeholder}'.")

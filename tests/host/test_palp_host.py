@@ -343,6 +343,24 @@ def tiny_workflow(host, subject, name, **widgets):
     return workflow, {n["type"]: str(n["id"]) for n in workflow["nodes"]}
 
 
+def test_the_single_subject_workflow_leaves_the_second_subject_empty():
+    """Issue 12: the single-subject graph must not show second-subject values it ignores."""
+    import json
+    import pathlib
+    workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / "palp_subject_to_prompt.json").read_text())
+    trainer, = [n for n in workflow["nodes"] if n["type"] == "PALPTrainer"]
+    assert trainer["widgets_values"][25:] == ["", "", ""]
+    assert not any(i["name"] == "images_2" and i.get("link") is not None for i in trainer["inputs"])
+
+
+def test_second_subject_texts_without_images_warn_and_images_without_texts_are_refused(mod, sd1, subject, caplog):
+    with pytest.raises(ValueError, match="empty placeholder, class word or personalization prompt"):
+        train(mod, sd1, subject, images_2=subject[:1], save_name="second_empty")
+    with caplog.at_level("WARNING"):
+        train(mod, sd1, subject, save_name="second_ignored", steps=1, gradient_accumulation=1, placeholder_2="[V2]")
+    assert any("images_2 is not connected" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("name", ["palp_subject_to_prompt.json", "palp_multi_subject_art.json"])
 def test_shipped_palp_workflows_run_in_the_host_executor(host, subject, name):
     import harness
