@@ -284,6 +284,7 @@ def test_a_bf16_projection_moves_with_a_first_steps_lora_as_fp32_does(pack, step
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.no_grad():
         linear = comfy.ops.disable_weight_init.Linear(320, 320, bias=False, dtype=torch.bfloat16)
+        linear.comfy_cast_weights = True                            # as the host sets it for a compute dtype
         linear.weight.copy_(torch.randn(320, 320, generator=gen) * 0.03)
         adapter = guidance.LoRAAdapter.create((320, 320), 32, gen, "cpu")
         adapter.up.copy_((torch.randint(0, 2, adapter.up.shape, generator=gen) * 2 - 1) * 5e-5 * steps)
