@@ -165,7 +165,7 @@ class PALPTrainer(io.ComfyNode):
             if not differences:         # a re-queue: the files are this run's result, as the host's cache would be
                 log.info("PALP: %s holds this run's result (same settings and inputs): reused, not retrained",
                          paths.lora)
-                return cls.outputs(model, clip, paths, *read_results(paths.lora), alignment_weight)
+                return _outputs(cls, model, clip, paths, *read_results(paths.lora), alignment_weight)
             if not overwrite:
                 raise ValueError(f"output {paths.name!r} exists from a run with different {', '.join(differences)}"
                                  " (the file's vs this run's): choose another save_name, or turn overwrite on to "
@@ -244,19 +244,19 @@ class PALPTrainer(io.ComfyNode):
 
         write_results(paths, adapters, vectors, settings.metadata(state.step, inputs), state.curves)
         log.info("PALP: saved %s and %s after %d steps", paths.lora, ", ".join(paths.embeddings), state.step)
-        return cls.outputs(model, clip, paths, adapters, state.curves, alignment_weight)
+        return _outputs(cls, model, clip, paths, adapters, state.curves, alignment_weight)
 
-    @classmethod
-    def outputs(cls, model, clip, paths: Paths, adapters: dict[str, LoRAAdapter], curves: dict[str, list[float]],
-                alignment_weight: float) -> io.NodeOutput:
-        """The personalized MODEL (the LoRA merged as the host's loader merges it), the CLIP and the curves."""
-        personalized = model.clone()
-        with torch.inference_mode(False):
-            for name, adapter in adapters.items():
-                personalized.add_weight_wrapper(f"{name}.weight", adapter.frozen())
-        out_clip = with_embedding_dirs(clip, [os.path.dirname(paths.embeddings[0])])
-        image = image_tensor(loss_plot(curves, alignment_weight))
-        return io.NodeOutput(personalized, out_clip, image, ui=ui.PreviewImage(image, cls=cls))
+
+def _outputs(node, model, clip, paths: Paths, adapters: dict[str, LoRAAdapter], curves: dict[str, list[float]],
+             alignment_weight: float) -> io.NodeOutput:
+    """The personalized MODEL (the LoRA merged as the host's loader merges it), the CLIP and the curves."""
+    personalized = model.clone()
+    with torch.inference_mode(False):
+        for name, adapter in adapters.items():
+            personalized.add_weight_wrapper(f"{name}.weight", adapter.frozen())
+    out_clip = with_embedding_dirs(clip, [os.path.dirname(paths.embeddings[0])])
+    image = image_tensor(loss_plot(curves, alignment_weight))
+    return io.NodeOutput(personalized, out_clip, image, ui=ui.PreviewImage(image, cls=node))
 
 
 def _clone(tensor):
