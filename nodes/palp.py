@@ -23,7 +23,7 @@ from .checkpointing import with_gradient_checkpointing
 from .inversion import conditioning
 from .palp_files import Paths, read_checkpoint, read_results, run_inputs, stale, write_results
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
-                         class_word_vector, image_tensor, install, loss_plot, splice, square, towers,
+                         class_word_vector, image_tensor, loss_plot, splice, square, towers,
                          with_embedding_dirs)
 from .sampling import fresh_weights, run_loop
 
@@ -191,7 +191,6 @@ class PALPTrainer(io.ComfyNode):
         worker = fresh_weights(model, PRECISIONS[precision])
         if gradient_checkpointing:
             worker = with_gradient_checkpointing(worker)
-        install(worker, adapters)
         text_worker = clip.clone()
         text_worker.patcher = fresh_weights(clip.patcher)
         latent_format = model.get_model_object("latent_format")

@@ -6,8 +6,8 @@ trainables' state, the learned token's text towers and the loop that ``sampling.
 
 Trainables (never on the caller's MODEL or CLIP):
 - LoRA adapters (Hu et al. 2022) on the self- and cross-attention projections, each a separate low-rank
-  branch beside its projection (:class:`LoRAProjection`, an object patch of the projection's ``forward`` on
-  a clone whose weights are fresh copies, ``fresh_weights``); each has an on/off flag, so the frozen base
+  branch beside its projection (:class:`LoRAProjection`, in place only while the loop runs, :func:`beside`)
+  on a clone whose weights are fresh copies (``fresh_weights``); each has an on/off flag, so the frozen base
   branch of Eq. 6 is the same clone with the adapters off (two clones of one base cannot be resident
   together). The MODEL the node returns merges them as weight wrappers instead, as the host's LoraLoader
   merges the saved file;
@@ -22,6 +22,7 @@ prompt's, and the unconditional halves under ∅'s.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -84,11 +85,28 @@ class LoRAProjection:
         return out.to(x.dtype)
 
 
-def install(worker, adapters: dict[str, LoRAAdapter]) -> None:
-    """Put each adapter beside its projection on the clone ``worker`` (an object patch of its ``forward``)."""
-    modules = dict(worker.model.named_modules())
-    for name, adapter in adapters.items():
-        worker.add_object_patch(f"{name}.forward", LoRAProjection(modules[name], adapter))
+@contextlib.contextmanager
+def beside(model: torch.nn.Module, adapters: dict[str, LoRAAdapter]):
+    """Each adapter as a :class:`LoRAProjection` beside its projection while a training loop runs.
+
+    ``model`` is the loaded BaseModel (``Loop.base_model``), whose modules every clone of the MODEL shares:
+    the projection's ``forward`` is replaced on the module only inside the loop, where nothing else runs,
+    and put back on exit, so no trace remains (an object patch would leave the bound method behind).
+    """
+    modules = dict(model.named_modules())
+    previous = {}
+    try:
+        for name, adapter in adapters.items():
+            module = modules[name]
+            previous[name] = vars(module).get("forward")
+            module.forward = LoRAProjection(module, adapter)
+        yield
+    finally:
+        for name, forward in previous.items():
+            if forward is None:
+                del modules[name].forward
+            else:
+                modules[name].forward = forward
 
 
 # --- text towers and the learned token ---------------------------------------------------------
@@ -326,7 +344,7 @@ class Trainer:
         bar.update_absolute(state.step, s.steps)
         self.subjects = [dataclasses.replace(subject, latents=subject.latents.to(x)) for subject in self.subjects]
         try:
-            with grad_enabled():
+            with grad_enabled(), beside(loop.base_model, state.adapters):
                 while state.step < s.steps:
                     state.optimizer.zero_grad(set_to_none=True)
                     personalization = alignment = 0.0

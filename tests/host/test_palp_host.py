@@ -132,7 +132,10 @@ def test_the_saved_embedding_loads_through_embedding_name(host, sd1, trained):
 
 
 def test_the_callers_model_is_untouched_and_the_curves_are_drawn(sd1, trained):
+    import comfy.model_management
     assert snapshot(sd1[0]) == trained.before
+    comfy.model_management.unload_all_models()      # the training clone is unpatched: nothing of it stays
+    assert not [name for name, module in sd1[0].model.named_modules() if "forward" in vars(module)]
     assert trained.curves.shape == (1, 256, 512, 3)
     assert 0.0 <= trained.curves.min().item() and trained.curves.max().item() <= 1.0
 
