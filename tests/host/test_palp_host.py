@@ -398,7 +398,8 @@ def test_requeueing_the_workflow_reuses_its_files_and_a_change_says_what_differs
         assert torch.equal(first[node][slot], second[node][slot])
 
     changed, _ = tiny_workflow(host, subject, "palp_subject_to_prompt.json", **{"21": "palp_requeue", "4": 4})
-    with pytest.raises(AssertionError, match=r"output 'palp_requeue' exists from a run with different steps \(3 vs 4\)"):
+    expected = r"output 'palp_requeue' exists from a run with different steps \(3 vs 4\)"
+    with pytest.raises(AssertionError, match=expected):
         harness.run_workflow(changed, latent_side=SIDE)
     assert lora.stat().st_mtime_ns == written
 
@@ -421,7 +422,8 @@ def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
 
 def test_every_branch_runs_under_its_own_prompts_conditioning_on_sdxl(host, pack, mod, subject):
     """Issue 10: ε*(x_t, y_P), G^α(x̂_t, y_c), G^α(x̂_t, ∅), G^β(x̂_t, y_P), G^β(x̂_t, ∅) each see their own
-    prompt's per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for that prompt."""
+    prompt's per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for
+    that prompt."""
     import tiny_models
     model, clip, vae = tiny_models.tiny_sdxl()
     seen = []
