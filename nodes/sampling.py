@@ -69,15 +69,18 @@ def progress(total: int):
 def _with_context(model, cond: dict, x: torch.Tensor, branch: str, context: torch.Tensor, pooled=None) -> dict:
     """A processed cond entry re-encoded for another prompt: ``context`` and, where given, its ``pooled`` vector.
 
-    The host's own ``extra_conds`` rebuilds every model input from them, as ``process_conds`` did for the
-    entry: on SDXL ``y`` then holds this prompt's pooled vector beside the entry's size embeddings (width,
-    height, crop), so a prompt never runs under another prompt's global embedding (PALP's y_P branches).
+    The host's own ``extra_conds`` rebuilds the prompt's model inputs from them, as ``process_conds`` did
+    for the entry: ``c_crossattn`` and, on SDXL, ``y`` with this prompt's pooled vector beside the entry's
+    size embeddings (width, height, crop), so a prompt never runs under another prompt's global embedding
+    (PALP's y_P branches). Every other input (e.g. an inpainting model's concat) stays as processed.
     Without ``pooled`` the entry's own pooled vector stays (null-text inversion optimises only the context).
     """
     entry = {**cond, "cross_attn": context}
     if pooled is not None:
         entry["pooled_output"] = pooled
-    return comfy.samplers.encode_model_conds(model.extra_conds, [entry], x, x.device, branch)[0]
+    encoded = comfy.samplers.encode_model_conds(model.extra_conds, [entry], x, x.device, branch)[0]["model_conds"]
+    prompt_inputs = {k: encoded[k] for k in ("c_crossattn", "y") if k in encoded}
+    return {**cond, "model_conds": {**cond["model_conds"], **prompt_inputs}}
 
 
 class Loop:
