@@ -19,6 +19,9 @@ A training step (one image, one σ, one shared ε) reads:
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +134,64 @@ def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample [B] value shaped to broadcast against ``like`` [B, ...]."""
     value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     return value.view(-1, *([1] * (like.dim() - 1))) if value.dim() == 1 else value
+
+
+# --- the trainable adapter ------------------------------------------------------------------------
+
+
+class LoRAAdapter(torch.nn.Module):
+    """LoRA (Hu et al. 2022, PALP §4.1) of one projection h = W x: h = W x + (alpha/rank)·up(down x), switchable off.
+
+    Two ways to apply it: ``branch(x)`` is the low-rank branch, computed in fp32 (what training adds to the
+    base projection, so a bf16 UNet sees the adapter from the first step); called on a weight, it is a host
+    weight wrapper W ↦ W + (alpha/rank)·up@down merged in fp32 and cast to the weight's dtype, as the host's
+    own LoRA loader merges a file, so a saved LoRA loaded by the host gives the same weights. Off, both leave
+    the base projection alone: the frozen pre-trained model G_θ of Eq. 6.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
+        super().__init__()
+        self.down = torch.nn.Parameter(down)
+        self.up = torch.nn.Parameter(up)
+        self.alpha = alpha
+        self.enabled = True
+
+    @classmethod
+    def create(cls, weight_shape, rank: int, gen: torch.Generator, device) -> "LoRAAdapter":
+        """down ~ U(±1/√fan_in) (PyTorch's Linear init), up = 0: training starts at the base model."""
+        out_features, in_features = weight_shape[0], math.prod(weight_shape[1:])
+        bound = 1 / math.sqrt(in_features)
+        down = (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound
+        return cls(down.to(device), torch.zeros(out_features, rank, device=device), float(rank))
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def frozen(self) -> "LoRAAdapter":
+        adapter = LoRAAdapter(self.down.detach().clone(), self.up.detach().clone(), self.alpha)
+        adapter.requires_grad_(False)
+        return adapter
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha/rank)·up(down x) in fp32, x [..., in_features] (the caller honours ``enabled``)."""
+        down, up = self.down.to(x.device, torch.float32), self.up.to(x.device, torch.float32)
+        return F.linear(F.linear(x.float(), down), up) * (self.alpha / self.rank)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        delta = (self.up.to(weight.device) @ self.down.to(weight.device)) * (self.alpha / self.rank)
+        return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def adapters_off(adapters):
+    """The frozen base model of Eq. 6 (G_θ with no LoRA), on the same clone."""
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in adapters:
+            adapter.enabled = True

@@ -17,7 +17,6 @@ import contextlib
 
 import torch
 
-import comfy.conds
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
@@ -67,11 +66,21 @@ def progress(total: int):
     return on_step
 
 
-def _with_context(cond: dict, context: torch.Tensor) -> dict:
-    """A processed cond entry whose cross-attention context is ``context`` (pooled/size embeddings kept)."""
-    model_conds = dict(cond["model_conds"])
-    model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
-    return {**cond, "model_conds": model_conds}
+def _with_context(model, cond: dict, x: torch.Tensor, branch: str, context: torch.Tensor, pooled=None) -> dict:
+    """A processed cond entry re-encoded for another prompt: ``context`` and, where given, its ``pooled`` vector.
+
+    The host's own ``extra_conds`` rebuilds the prompt's model inputs from them, as ``process_conds`` did
+    for the entry: ``c_crossattn`` and, on SDXL, ``y`` with this prompt's pooled vector beside the entry's
+    size embeddings (width, height, crop), so a prompt never runs under another prompt's global embedding
+    (PALP's y_P branches). Every other input (e.g. an inpainting model's concat) stays as processed.
+    Without ``pooled`` the entry's own pooled vector stays (null-text inversion optimises only the context).
+    """
+    entry = {**cond, "cross_attn": context}
+    if pooled is not None:
+        entry["pooled_output"] = pooled
+    encoded = comfy.samplers.encode_model_conds(model.extra_conds, [entry], x, x.device, branch)[0]["model_conds"]
+    prompt_inputs = {k: encoded[k] for k in ("c_crossattn", "y") if k in encoded}
+    return {**cond, "model_conds": {**cond["model_conds"], **prompt_inputs}}
 
 
 class Loop:
@@ -95,11 +104,11 @@ class Loop:
         """The CFG-combined x0 prediction, exactly as the host's samplers call the model."""
         return self.model_k(x, sigma * x.new_ones([x.shape[0]]), **self.extra_args)
 
-    def denoise(self, x, sigma, branch="positive", context=None, model_options=None):
-        """One branch's x0 prediction; ``context`` replaces its text embedding (null-text inversion)."""
+    def denoise(self, x, sigma, branch="positive", context=None, model_options=None, pooled=None):
+        """One branch's x0 prediction; ``context`` (and ``pooled``) replace its prompt's embeddings."""
         conds = self.guider.conds[branch]
         if context is not None:
-            conds = [_with_context(c, context) for c in conds]
+            conds = [_with_context(self.base_model, c, x, branch, context, pooled) for c in conds]
         sigma_vec = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(1).expand(x.shape[0])
         return comfy.samplers.calc_cond_batch(self.base_model, [conds], x, sigma_vec,
                                               model_options or self.extra_args["model_options"])[0]
