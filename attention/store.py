@@ -9,6 +9,10 @@ explicit object whose ``__deepcopy__`` returns itself. It serves two uses:
   LATENT finds the maps of exactly that run, and an interrupted run leaves nothing behind;
 * **live** — inside ``with store.live() as cap:``, the maps and features of one forward pass stay in
   the autograd graph for the guidance losses (a detached copy would give zero gradient).
+
+Recording keeps only the sampler's own cond/uncond passes: the node layer sets ``sampler_pass``
+while the sampler's CFG prediction computes its conds (``nodes/host.py``), so the extra UNet passes
+of SAG, PAG or a guidance gradient, made with the same patches at the same σ, are not averaged in.
 """
 from __future__ import annotations
 
@@ -87,6 +91,7 @@ class AttentionStore:
         self._run: Run | None = None
         self._live: LiveCapture | None = None
         self._sigma_cache = (None, None)
+        self.sampler_pass = False     # True only while the sampler's own cond/uncond passes run
 
     def __deepcopy__(self, memo):
         return self
@@ -138,7 +143,7 @@ class AttentionStore:
         """Whether this forward pass is to be captured at all (cheap: decides before any maths)."""
         if self._live is not None:
             return True
-        if self._run is None:
+        if self._run is None or not self.sampler_pass:
             return False
         step = self._step(extra_options["sigmas"])
         return step is not None and self.steps(step, len(self._run.sigmas) - 1)

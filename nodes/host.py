@@ -74,6 +74,37 @@ def _run_wrapper(store: AttentionStore):
     return wrapper
 
 
+def _sampler_pass_wrapper(store: AttentionStore):
+    """PREDICT_NOISE wrapper: marks the sampler's own cond/uncond passes, the only ones recorded.
+
+    The sampler's CFG prediction first computes every cond's prediction (``calc_cond_batch``, or a
+    ``sampler_calc_cond_batch_function`` in its place, however it splits the batch), then runs the
+    pre-CFG functions, the CFG function and the post-CFG functions. SAG and PAG call the UNet again
+    from their post-CFG functions (at another x, or with perturbed attention), and a guider without
+    pre-CFG functions (DualCFG) still runs the post-CFG ones: so the mark is set on entry and cleared
+    by a function placed *first* in both lists of this call's options. Calls outside the prediction
+    (a guidance gradient pass through ``calc_cond_batch``) are never marked.
+    """
+    def end_pre(args):
+        store.sampler_pass = False
+        return args["conds_out"]
+
+    def end_post(args):
+        store.sampler_pass = False
+        return args["denoised"]
+
+    def wrapper(executor, x, timestep, model_options={}, seed=None):
+        options = {**model_options,
+                   "sampler_pre_cfg_function": [end_pre, *model_options.get("sampler_pre_cfg_function", [])],
+                   "sampler_post_cfg_function": [end_post, *model_options.get("sampler_post_cfg_function", [])]}
+        store.sampler_pass = True
+        try:
+            return executor(x, timestep, options, seed)
+        finally:
+            store.sampler_pass = False
+    return wrapper
+
+
 def install_capture(model, store: AttentionStore, layers: list[AttnLayer], feature_layers: list[AttnLayer],
                     record: bool = True):
     """Patch a **clone** of ``model`` so sampling fills ``store``; existing attn2 replaces are chained.
@@ -89,6 +120,8 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
         patched.set_model_attn2_patch(feature_patch(feature_layers, store))
     if record:
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _run_wrapper(store))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
+                                     _sampler_pass_wrapper(store))
     return patched
 
 
