@@ -28,7 +28,8 @@ class AttentionCapture(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to watch; a patched copy is returned, this one is not changed."),
                 io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt (it locates the words' tokens)."),
                 io.String.Input("prompt", multiline=True, default="a photo of a dog",
-                                tooltip="The positive prompt exactly as encoded for the sampler."),
+                                tooltip="The positive prompt exactly as encoded for the sampler (checked when sampling "
+                                        "starts: another text is refused, as its words would be at other tokens)."),
                 io.String.Input("words", default="dog",
                                 tooltip="Words of the prompt to watch, comma-separated; a phrase ('teddy bear') or "
                                         "'embedding:name' counts as one word. Multi-token words sum their tokens."),
@@ -56,7 +57,8 @@ class AttentionCapture(io.ComfyNode):
         positions, prompt_len = host.prompt_word_positions(clip, prompt, queries)
         store = AttentionStore(queries, positions, prompt_len, chosen, parse_steps(steps),
                                offload_device=host.offload_device(model))
-        return io.NodeOutput(host.install_capture(model, store, chosen, feature_layers), store)
+        patched = host.install_capture(model, store, chosen, feature_layers)
+        return io.NodeOutput(host.check_sampler_prompt(patched, clip, prompt, "Attention Capture"), store)
 
 
 class AttentionMaps(io.ComfyNode):

@@ -27,6 +27,59 @@ def encode_text(clip, text: str):
     return out["cond"], out.get("pooled_output")
 
 
+def _mismatch(expected: torch.Tensor, encoded: torch.Tensor) -> str | None:
+    """Why the text embedding ``encoded`` [B, T, D] is not ``expected`` [1, T, D], or None when it is."""
+    # both to the CPU in fp32: the CONDITIONING may come from another device or dtype than the fresh encoding
+    expected, encoded = expected.detach().to("cpu", torch.float32), encoded.detach().to("cpu", torch.float32)
+    if expected.shape[1:] != encoded.shape[1:]:
+        return (f"this text encodes to {expected.shape[1]} tokens of width {expected.shape[2]}, the conditioning "
+                f"holds {encoded.shape[1]} of width {encoded.shape[2]}")
+    scale = expected.abs().amax().clamp(min=1e-6)
+    if not ((encoded - expected).abs().amax() <= 1e-3 * scale):
+        return "the same number of tokens, but another text (or the same text through another CLIP)"
+    return None
+
+
+def _refusal(where: str, reason: str) -> ValueError:
+    return ValueError(
+        f"{where}: the prompt typed here is not the text of the positive CONDITIONING ({reason}). The words are "
+        "located in this text, so they would watch the wrong tokens: give the same text (and the same CLIP) "
+        "as the CLIPTextEncode of the positive prompt, e.g. through one primitive/text node wired to both.")
+
+
+def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
+    """Refuse when ``conditioning`` is not ``prompt`` encoded by ``clip`` (every entry, every batch item).
+
+    The nodes locate words by tokenizing a prompt string typed separately from the CONDITIONING; a
+    fresh encoding of the string, compared with the conditioning's tensors, tells whether the two are
+    the same text (issue 9 §2).
+    """
+    expected, _ = encode_text(clip, prompt)
+    for entry in conditioning:
+        reason = _mismatch(expected, entry[0])
+        if reason:
+            raise _refusal(where, reason)
+
+
+def check_sampler_prompt(model, clip, prompt: str, where: str):
+    """A clone of ``model`` that refuses, when sampling starts, a positive conditioning other than ``prompt``.
+
+    For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw
+    sampler): the sampler's guider holds the positive conds (an OUTER_SAMPLE wrapper sees the guider).
+    """
+    expected, _ = encode_text(clip, prompt)
+
+    def wrapper(executor, *args, **kwargs):
+        for cond in getattr(executor.class_obj, "conds", {}).get("positive", []):
+            if "cross_attn" in cond and (reason := _mismatch(expected, cond["cross_attn"])):
+                raise _refusal(where, reason)
+        return executor(*args, **kwargs)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}_prompt", wrapper)
+    return patched
+
+
 def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
     tokens, vectors = [], {}
     for chunk in chunks:
