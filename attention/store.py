@@ -34,15 +34,22 @@ def parse_steps(text: str):
     if words in ("", "all"):
         return every_step
     if words.startswith("every"):
-        n = int(words.split()[1])
-        if n < 1:
-            raise ValueError("steps: 'every N' needs N ≥ 1.")
-        return lambda step, total: step % n == 0
+        n = words.removeprefix("every").strip()
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"steps: '{text.strip()}' is not understood; 'every N' needs a whole number N ≥ 1, "
+                             "e.g. 'every 5'.")
+        return lambda step, total, n=int(n): step % n == 0
     chosen = set()
     for part in words.replace(" ", "").split(","):
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"steps: '{part}' is not understood; use 'all', 'every 5' or '0-9, 20'.")
+        lo, dash, hi = part.partition("-")
+        if not part:
+            raise ValueError(f"steps: '{text.strip()}' has an empty entry between commas; use 'all', 'every 5' or "
+                             "'0-9, 20'.")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"steps: '{part}' is not understood; use 'all', 'every 5' or '0-9, 20' (0-based step "
+                             "indices and ranges).")
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"steps: the range '{part}' runs backwards; write it '{hi}-{lo}'.")
         chosen.update(range(int(lo), int(hi or lo) + 1))
     return lambda step, total: step in chosen
 

@@ -27,6 +27,13 @@ def encode_text(clip, text: str):
     return out["cond"], out.get("pooled_output")
 
 
+def require_finite(tensor: torch.Tensor | None, what: str, todo: str) -> None:
+    """Refuse NaN/Inf values: a node never passes them on, or saves them, without a word."""
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {tensor.numel()}): {todo}")
+
+
 def _mismatch(expected: torch.Tensor, encoded: torch.Tensor) -> str | None:
     """Why the text embedding ``encoded`` [B, T, D] is not ``expected`` [1, T, D], or None when it is."""
     # both to the CPU in fp32: the CONDITIONING may come from another device or dtype than the fresh encoding

@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -174,3 +175,25 @@ def test_context_repetition_and_mismatch():
     assert expand_positions((2, 5), 154, 77) == [2, 5, 79, 82]
     with pytest.raises(ValueError, match="same prompt text"):
         expand_positions((80,), 77, 154)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("every", "'every' is not understood; 'every N' needs a whole number"),
+    ("every x", "'every x' is not understood; 'every N' needs a whole number"),
+    ("every 0", "'every 0' is not understood"),
+    ("every 5 steps", "'every 5 steps' is not understood"),
+    ("0-", "'0-' is not understood"),
+    ("9-2", "the range '9-2' runs backwards; write it '2-9'"),
+    ("1,,3", "has an empty entry between commas"),
+    ("first 5", "'first5' is not understood"),
+])
+def test_step_rule_typos_are_refused_with_a_message(rule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_steps(rule)
+
+
+def test_step_rules_pick_their_steps():
+    assert [s for s in range(12) if parse_steps("every 5")(s, 12)] == [0, 5, 10]
+    assert [s for s in range(12) if parse_steps("every5")(s, 12)] == [0, 5, 10]
+    assert [s for s in range(12) if parse_steps(" 0-2, 7 ")(s, 12)] == [0, 1, 2, 7]
+    assert all(parse_steps("all")(s, 12) for s in range(12))
