@@ -101,7 +101,7 @@ class AttentionMaps(io.ComfyNode):
                             "fix the run (CFG, steps, model dtype) first.")
         run = store.run_for(samples)
         which = 0 if branch == "cond" else 1
-        _require_recorded(run, store, which)
+        _require_recorded(run, which)
         layers = _recorded_layers(store, mask_layers)
         grids = [map_grid(run, store.layers, run.steps, w, b, which, cell)
                  for b in range(samples.shape[0]) for w in range(len(store.words))]
@@ -114,7 +114,7 @@ class AttentionMaps(io.ComfyNode):
         return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))
 
 
-def _require_recorded(run, store, branch: int) -> None:
+def _require_recorded(run, branch: int) -> None:
     """Refuse, with the reason, a run that holds no maps of ``branch`` (or NaN maps)."""
     if not run.maps:
         raise ValueError(f"the capture recorded no step of this {len(run.sigmas) - 1}-step run: its step rule "
