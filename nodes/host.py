@@ -69,21 +69,28 @@ def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
 
 
 def check_sampler_prompt(model, clip, prompt: str, where: str):
-    """A clone of ``model`` that refuses, when sampling starts, a positive conditioning other than ``prompt``.
+    """A clone of ``model`` whose sampler's CFG prediction refuses a positive conditioning other than ``prompt``.
 
     For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw
-    sampler): the sampler's guider holds the positive conds (an OUTER_SAMPLE wrapper sees the guider).
+    sampler): a PREDICT_NOISE wrapper sees the guider and its positive conds. It checks at the sampler's
+    predictions — the passes that are recorded or guided — so this pack's own loops that only call
+    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused.
     """
     expected, _ = encode_text(clip, prompt)
+    verified = []            # the positive cond tensors of the run in progress, once they have passed
 
     def wrapper(executor, *args, **kwargs):
-        for cond in getattr(executor.class_obj, "conds", {}).get("positive", []):
-            if "cross_attn" in cond and (reason := _mismatch(expected, cond["cross_attn"])):
-                raise _refusal(where, reason)
+        conds = [c["cross_attn"] for c in getattr(executor.class_obj, "conds", {}).get("positive", [])
+                 if "cross_attn" in c]
+        if len(conds) != len(verified) or any(a is not b for a, b in zip(conds, verified)):
+            for cond in conds:
+                if reason := _mismatch(expected, cond):
+                    raise _refusal(where, reason)
+            verified[:] = conds
         return executor(*args, **kwargs)
 
     patched = model.clone()
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}_prompt", wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt", wrapper)
     return patched
 
 

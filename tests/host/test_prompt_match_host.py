@@ -97,3 +97,13 @@ def test_multi_source_swap_refuses_object_words_of_another_text(env):
     assert swap(PROMPT)[1].amax() > 0
     with pytest.raises(ValueError, match=f"Multi-Source Attention Swap: {REFUSED}"):
         swap(SAME_LENGTH)
+
+
+def test_a_captured_model_still_inverts_a_reference_with_its_own_prompt(env):
+    """The check guards the sampler's predictions: an inversion's own passes with its source prompt are not refused."""
+    captured, store = capture(env, PROMPT)
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        inversion = env.inv.NullTextInvert.execute(captured, env.clip, "a photo of a cat", "null-text", 3, "ddim_uniform",
+                                                   7.5, 2, 1e-2, 1e-5, "", latent=latent).args[0]
+    assert torch.isfinite(inversion.null_embeddings).all()
