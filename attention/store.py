@@ -9,6 +9,10 @@ explicit object whose ``__deepcopy__`` returns itself. It serves two uses:
   LATENT finds the maps of exactly that run, and an interrupted run leaves nothing behind;
 * **live** — inside ``with store.live() as cap:``, the maps and features of one forward pass stay in
   the autograd graph for the guidance losses (a detached copy would give zero gradient).
+
+Recording keeps only the sampler's own cond/uncond passes: the node layer sets ``sampler_pass``
+while the sampler's CFG prediction computes its conds (``nodes/host.py``), so the extra UNet passes
+of SAG, PAG or a guidance gradient, made with the same patches at the same σ, are not averaged in.
 """
 from __future__ import annotations
 
@@ -30,15 +34,22 @@ def parse_steps(text: str):
     if words in ("", "all"):
         return every_step
     if words.startswith("every"):
-        n = int(words.split()[1])
-        if n < 1:
-            raise ValueError("steps: 'every N' needs N ≥ 1.")
-        return lambda step, total: step % n == 0
+        n = words.removeprefix("every").strip()
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"steps: '{text.strip()}' is not understood; 'every N' needs a whole number N ≥ 1, "
+                             "e.g. 'every 5'.")
+        return lambda step, total, n=int(n): step % n == 0
     chosen = set()
     for part in words.replace(" ", "").split(","):
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"steps: '{part}' is not understood; use 'all', 'every 5' or '0-9, 20'.")
+        lo, dash, hi = part.partition("-")
+        if not part:
+            raise ValueError(f"steps: '{text.strip()}' has an empty entry between commas; use 'all', 'every 5' or "
+                             "'0-9, 20'.")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"steps: '{part}' is not understood; use 'all', 'every 5' or '0-9, 20' (0-based step "
+                             "indices and ranges).")
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"steps: the range '{part}' runs backwards; write it '{hi}-{lo}'.")
         chosen.update(range(int(lo), int(hi or lo) + 1))
     return lambda step, total: step in chosen
 
@@ -87,6 +98,7 @@ class AttentionStore:
         self._run: Run | None = None
         self._live: LiveCapture | None = None
         self._sigma_cache = (None, None)
+        self.sampler_pass = False     # True only while the sampler's own cond/uncond passes run
 
     def __deepcopy__(self, memo):
         return self
@@ -138,7 +150,7 @@ class AttentionStore:
         """Whether this forward pass is to be captured at all (cheap: decides before any maths)."""
         if self._live is not None:
             return True
-        if self._run is None:
+        if self._run is None or not self.sampler_pass:
             return False
         step = self._step(extra_options["sigmas"])
         return step is not None and self.steps(step, len(self._run.sigmas) - 1)

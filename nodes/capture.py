@@ -1,16 +1,19 @@
 """AttentionCapture (P&D §3.1, L&R's cross-attention mask) and AttentionMaps, the node that reads it."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io, ui
 
-from ..attention.layers import RULE_HELP, select_layers
+from ..attention.layers import RULE_HELP, parse_rule, select_layers
 from ..attention.preview import attention_mask, map_grid, mean_map
 from ..attention.store import AttentionStore, parse_steps
 from ..attention.tokens import parse_words
 from . import host
 
 AttnStore = io.Custom("PERSONALIZE_ATTN_STORE")
+log = logging.getLogger(__name__)
 CATEGORY = "personalize/attention"
 
 
@@ -28,7 +31,8 @@ class AttentionCapture(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model to watch; a patched copy is returned, this one is not changed."),
                 io.Clip.Input("clip", tooltip="The CLIP that encodes the positive prompt (it locates the words' tokens)."),
                 io.String.Input("prompt", multiline=True, default="a photo of a dog",
-                                tooltip="The positive prompt exactly as encoded for the sampler."),
+                                tooltip="The positive prompt exactly as encoded for the sampler (checked when sampling "
+                                        "starts: another text is refused, as its words would be at other tokens)."),
                 io.String.Input("words", default="dog",
                                 tooltip="Words of the prompt to watch, comma-separated; a phrase ('teddy bear') or "
                                         "'embedding:name' counts as one word. Multi-token words sum their tokens."),
@@ -56,7 +60,8 @@ class AttentionCapture(io.ComfyNode):
         positions, prompt_len = host.prompt_word_positions(clip, prompt, queries)
         store = AttentionStore(queries, positions, prompt_len, chosen, parse_steps(steps),
                                offload_device=host.offload_device(model))
-        return io.NodeOutput(host.install_capture(model, store, chosen, feature_layers), store)
+        patched = host.install_capture(model, store, chosen, feature_layers)
+        return io.NodeOutput(host.check_sampler_prompt(patched, clip, prompt, "Attention Capture"), store)
 
 
 class AttentionMaps(io.ComfyNode):
@@ -92,15 +97,46 @@ class AttentionMaps(io.ComfyNode):
     @classmethod
     def execute(cls, store, latent, branch, mask_layers, mask_threshold, cell) -> io.NodeOutput:
         samples = latent["samples"]
+        host.require_finite(samples, "the LATENT", "the sampling run diverged, so its attention maps mean nothing: "
+                            "fix the run (CFG, steps, model dtype) first.")
         run = store.run_for(samples)
         which = 0 if branch == "cond" else 1
+        _require_recorded(run, which)
+        layers = _recorded_layers(store, mask_layers)
         grids = [map_grid(run, store.layers, run.steps, w, b, which, cell)
                  for b in range(samples.shape[0]) for w in range(len(store.words))]
-        layers = select_layers(store.layers, mask_layers, kind="cross")
         size = (samples.shape[-2] * host.PIXELS_PER_LATENT, samples.shape[-1] * host.PIXELS_PER_LATENT)
         mask = attention_mask(mean_map(run, layers, run.steps, size, which), mask_threshold)
+        if not mask.any():
+            log.warning("Attention Maps: the mask is empty: no cell of the averaged map of %s reaches mask_threshold "
+                        "%g; lower the threshold (0 gives the soft map).", ", ".join(store.words), mask_threshold)
         grid = torch.stack(grids)
         return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))
+
+
+def _require_recorded(run, branch: int) -> None:
+    """Refuse, with the reason, a run that holds no maps of ``branch`` (or NaN maps)."""
+    if not run.maps:
+        raise ValueError(f"the capture recorded no step of this {len(run.sigmas) - 1}-step run: its step rule "
+                         "(0-based indices of the sampler's schedule) picks none of them.")
+    if not any(key[2] == branch for key in run.maps):
+        raise ValueError("no 'uncond' maps were recorded: the sampler ran at CFG 1, which skips the unconditional "
+                         "pass. Pick branch 'cond', or sample with a CFG other than 1." if branch == 1 else
+                         "no 'cond' maps were recorded in this run.")
+    for key, maps in run.maps.items():
+        host.require_finite(maps, f"the recorded maps of step {key[0]}, layer {'.'.join(map(str, key[1]))}",
+                            "the sampling run went NaN/Inf; fix it first.")
+
+
+def _recorded_layers(store, rule: str):
+    """The captured layers ``rule`` selects; a rule that selects only layers the capture did not record says so."""
+    match = parse_rule(rule)
+    chosen = [l for l in store.layers if match(l)]
+    if not chosen:
+        recorded = ", ".join(f"{l.block}.{l.number}.{l.index} 1/{l.scale}" for l in store.layers)
+        raise ValueError(f"mask_layers '{rule}' selects none of the layers this capture recorded ({recorded}): "
+                         "widen Attention Capture's layer rule, or choose among those.")
+    return chosen
 
 
 NODES = [AttentionCapture, AttentionMaps]

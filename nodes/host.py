@@ -27,6 +27,73 @@ def encode_text(clip, text: str):
     return out["cond"], out.get("pooled_output")
 
 
+def require_finite(tensor: torch.Tensor | None, what: str, todo: str) -> None:
+    """Refuse NaN/Inf values: a node never passes them on, or saves them, without a word."""
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} holds {bad} NaN/Inf value{'s' if bad > 1 else ''} (of {tensor.numel()}): {todo}")
+
+
+def _mismatch(expected: torch.Tensor, encoded: torch.Tensor) -> str | None:
+    """Why the text embedding ``encoded`` [B, T, D] is not ``expected`` [1, T, D], or None when it is."""
+    # both to the CPU in fp32: the CONDITIONING may come from another device or dtype than the fresh encoding
+    expected, encoded = expected.detach().to("cpu", torch.float32), encoded.detach().to("cpu", torch.float32)
+    if expected.shape[1:] != encoded.shape[1:]:
+        return (f"this text encodes to {expected.shape[1]} tokens of width {expected.shape[2]}, the conditioning "
+                f"holds {encoded.shape[1]} of width {encoded.shape[2]}")
+    scale = expected.abs().amax().clamp(min=1e-6)
+    if not ((encoded - expected).abs().amax() <= 1e-3 * scale):
+        return "the same number of tokens, but another text (or the same text through another CLIP)"
+    return None
+
+
+def _refusal(where: str, reason: str) -> ValueError:
+    return ValueError(
+        f"{where}: the prompt typed here is not the text of the positive CONDITIONING ({reason}). The words are "
+        "located in this text, so they would watch the wrong tokens: give the same text (and the same CLIP) "
+        "as the CLIPTextEncode of the positive prompt, e.g. through one primitive/text node wired to both.")
+
+
+def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
+    """Refuse when ``conditioning`` is not ``prompt`` encoded by ``clip`` (every entry, every batch item).
+
+    The nodes locate words by tokenizing a prompt string typed separately from the CONDITIONING; a
+    fresh encoding of the string, compared with the conditioning's tensors, tells whether the two are
+    the same text (issue 9 §2).
+    """
+    expected, _ = encode_text(clip, prompt)
+    for entry in conditioning:
+        reason = _mismatch(expected, entry[0])
+        if reason:
+            raise _refusal(where, reason)
+
+
+def check_sampler_prompt(model, clip, prompt: str, where: str):
+    """A clone of ``model`` whose sampler's CFG prediction refuses a positive conditioning other than ``prompt``.
+
+    For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw
+    sampler): a PREDICT_NOISE wrapper sees the guider and its positive conds. It checks at the sampler's
+    predictions — the passes that are recorded or guided — so this pack's own loops that only call
+    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused.
+    """
+    expected, _ = encode_text(clip, prompt)
+    verified = []            # the positive cond tensors of the run in progress, once they have passed
+
+    def wrapper(executor, *args, **kwargs):
+        conds = [c["cross_attn"] for c in getattr(executor.class_obj, "conds", {}).get("positive", [])
+                 if "cross_attn" in c]
+        if len(conds) != len(verified) or any(a is not b for a, b in zip(conds, verified)):
+            for cond in conds:
+                if reason := _mismatch(expected, cond):
+                    raise _refusal(where, reason)
+            verified[:] = conds
+        return executor(*args, **kwargs)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt", wrapper)
+    return patched
+
+
 def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
     tokens, vectors = [], {}
     for chunk in chunks:
@@ -74,6 +141,37 @@ def _run_wrapper(store: AttentionStore):
     return wrapper
 
 
+def _sampler_pass_wrapper(store: AttentionStore):
+    """PREDICT_NOISE wrapper: marks the sampler's own cond/uncond passes, the only ones recorded.
+
+    The sampler's CFG prediction first computes every cond's prediction (``calc_cond_batch``, or a
+    ``sampler_calc_cond_batch_function`` in its place, however it splits the batch), then runs the
+    pre-CFG functions, the CFG function and the post-CFG functions. SAG and PAG call the UNet again
+    from their post-CFG functions (at another x, or with perturbed attention), and a guider without
+    pre-CFG functions (DualCFG) still runs the post-CFG ones: so the mark is set on entry and cleared
+    by a function placed *first* in both lists of this call's options. Calls outside the prediction
+    (a guidance gradient pass through ``calc_cond_batch``) are never marked.
+    """
+    def end_pre(args):
+        store.sampler_pass = False
+        return args["conds_out"]
+
+    def end_post(args):
+        store.sampler_pass = False
+        return args["denoised"]
+
+    def wrapper(executor, x, timestep, model_options={}, seed=None):
+        options = {**model_options,
+                   "sampler_pre_cfg_function": [end_pre, *model_options.get("sampler_pre_cfg_function", [])],
+                   "sampler_post_cfg_function": [end_post, *model_options.get("sampler_post_cfg_function", [])]}
+        store.sampler_pass = True
+        try:
+            return executor(x, timestep, options, seed)
+        finally:
+            store.sampler_pass = False
+    return wrapper
+
+
 def install_capture(model, store: AttentionStore, layers: list[AttnLayer], feature_layers: list[AttnLayer],
                     record: bool = True):
     """Patch a **clone** of ``model`` so sampling fills ``store``; existing attn2 replaces are chained.
@@ -89,6 +187,8 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
         patched.set_model_attn2_patch(feature_patch(feature_layers, store))
     if record:
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _run_wrapper(store))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
+                                     _sampler_pass_wrapper(store))
     return patched
 
 

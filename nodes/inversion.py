@@ -45,6 +45,7 @@ FINGERPRINT_LABELS = {
     "prompt": "source prompt",
     "resolution": "resolution",
 }
+REQUIRED_TENSORS = ("trajectory", "sigmas", "cond", "uncond")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Inversion:
     early_stop: float
     error: float                                        # ‖reconstruction − input‖ / ‖input‖ in latent space
     fingerprint: dict[str, str]                         # model_fingerprint, plus the prompt and the resolution
+    reference: str = ""                                 # input_digest of the inverted latent ("" in older files)
 
     @property
     def latent_T(self) -> torch.Tensor:
@@ -227,24 +229,98 @@ def inversion_path(save_name: str) -> str:
     return os.path.join(inversion_dir(), name + ".safetensors")
 
 
+def input_digest(samples: torch.Tensor) -> str:
+    """What identifies the reference an inversion was made from: a hash of its latent's values (fp32, CPU)."""
+    values = samples.detach().to("cpu", torch.float32).contiguous()
+    return f"{tuple(values.shape)} #{hashlib.sha256(values.numpy().tobytes()).hexdigest()[:16]}"
+
+
+def _settings(inversion: Inversion) -> dict:
+    return {f.name: getattr(inversion, f.name) for f in dataclasses.fields(inversion)
+            if f.name not in TENSOR_FIELDS and f.name != "fingerprint"}
+
+
 def save_inversion(inversion: Inversion, path: str) -> None:
-    """Write atomically (temp file + ``os.replace``): a reader never sees half a file, a failure leaves none."""
+    """Write atomically (temp file + ``os.replace``): a reader never sees half a file, a failure leaves none.
+
+    An inversion holding NaN/Inf is refused, so no file that a later run would trust is written.
+    """
     tensors = {k: getattr(inversion, k) for k in TENSOR_FIELDS if getattr(inversion, k) is not None}
-    settings = {f.name: getattr(inversion, f.name) for f in dataclasses.fields(inversion)
-                if f.name not in TENSOR_FIELDS and f.name != "fingerprint"}
-    save_atomic(tensors, path, {"format": FILE_FORMAT, "settings": json.dumps(settings),
+    for name, tensor in tensors.items():
+        host.require_finite(tensor, f"the inversion's {name}", f"it is not saved to {path}. Invert again (in "
+                            "null-text mode with a lower lr, or in ddim mode).")
+    save_atomic(tensors, path, {"format": FILE_FORMAT, "settings": json.dumps(_settings(inversion)),
                                 "fingerprint": json.dumps(inversion.fingerprint)})
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:160]
+
+
+def _remake(path: str, why: str) -> ValueError:
+    return ValueError(f"the inversion file {path} {why}: make it again with Null-Text Invert (its save_name).")
+
+
+def read_header(path: str) -> tuple[dict, dict]:
+    """``(settings, fingerprint)`` of an inversion file without reading its tensors; refuses a foreign or
+    broken file with its name."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:   # safetensors raises its own error type for an empty, truncated or foreign file
+        raise _remake(path, f"cannot be read ({_first_line(e)}; the file is empty, cut short or not a safetensors "
+                            "file)") from None
+    if metadata.get("format") != FILE_FORMAT:
+        raise _remake(path, f"is not an inversion file of this pack's format {FILE_FORMAT!r} (it says "
+                            f"{metadata.get('format')!r}; an older version of the pack or another tool wrote it)")
+    try:
+        settings, fingerprint = json.loads(metadata["settings"]), json.loads(metadata["fingerprint"])
+    except (KeyError, json.JSONDecodeError):
+        raise _remake(path, "has a damaged header (its settings or model fingerprint cannot be read)") from None
+    return settings, fingerprint
+
+
 def load_inversion(path: str) -> Inversion:
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FILE_FORMAT:
-            raise ValueError(f"{path} is not an inversion file of this pack's format {FILE_FORMAT!r} "
-                             f"(it says {metadata.get('format')!r}): make it again with Null-Text Invert.")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return Inversion(**json.loads(metadata["settings"]), fingerprint=json.loads(metadata["fingerprint"]),
-                     **{k: tensors.get(k) for k in TENSOR_FIELDS})
+    """Read and check an inversion file: a damaged, cut-short, older-format or NaN-holding file is refused
+    with its name (never a deep safetensors or torch error)."""
+    settings, fingerprint = read_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise _remake(path, f"cannot be read ({_first_line(e)})") from None
+    missing = [k for k in REQUIRED_TENSORS if k not in tensors]
+    if missing:
+        raise _remake(path, f"lacks the tensors {', '.join(missing)}")
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise _remake(path, f"holds NaN/Inf values in its {name}")
+    try:
+        inversion = Inversion(**settings, fingerprint=fingerprint, **{k: tensors.get(k) for k in TENSOR_FIELDS})
+    except TypeError:
+        expected = sorted(f.name for f in dataclasses.fields(Inversion)
+                          if f.name not in TENSOR_FIELDS and f.name != "fingerprint")
+        raise _remake(path, f"has the settings {sorted(settings)} where this version writes {expected}") from None
+    n = len(inversion.sigmas) - 1
+    if inversion.trajectory.shape[0] != n + 1 or (inversion.null_embeddings is not None
+                                                  and inversion.null_embeddings.shape[0] != n):
+        raise _remake(path, f"has a trajectory of {inversion.trajectory.shape[0]} latents for {n} steps")
+    return inversion
+
+
+def replaced_differences(path: str, inversion: Inversion) -> list[str] | None:
+    """What differs between the file at ``path`` and ``inversion`` about to replace it: None when there is no
+    file, [] when a re-queued graph writes the same inversion again (same settings, model and reference)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        settings, fingerprint = read_header(path)
+    except ValueError as e:
+        return [str(e)]
+    new = _settings(inversion)
+    differences = [f"{k} {settings.get(k)!r} -> {new[k]!r}" for k in new if k != "error" and settings.get(k) != new[k]]
+    return differences + [f"{FINGERPRINT_LABELS.get(k, k)} {fingerprint.get(k)!r} -> {v!r}"
+                          for k, v in inversion.fingerprint.items() if fingerprint.get(k) != v]
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -376,7 +452,12 @@ class NullTextInvert(io.ComfyNode):
         if steps < 2:
             raise ValueError(f"steps must be at least 2, got {steps}.")
         path = inversion_path(save_name) if save_name.strip() else None
+        source = "IMAGE" if image is not None else "LATENT"
+        host.require_finite(image if image is not None else latent["samples"], f"the reference {source}",
+                            "fix the node that made it (e.g. a VAE overflowing in fp16) before inverting.")
         samples = vae.encode(image[:, :, :, :3]) if image is not None else latent["samples"]
+        host.require_finite(samples, "the VAE's encoding of the reference IMAGE", "the VAE overflowed (run it in "
+                            "fp32, e.g. --fp32-vae) before inverting.")
         if samples.shape[0] != 1:
             raise ValueError(f"invert one reference at a time: the {'IMAGE' if image is not None else 'LATENT'} "
                              f"holds a batch of {samples.shape[0]}.")
@@ -394,12 +475,22 @@ class NullTextInvert(io.ComfyNode):
             uncond=uncond, uncond_pooled=uncond_pooled, losses=losses, prompt=prompt, cfg=cfg, scheduler=scheduler,
             steps=steps, inner_steps=inner_steps, lr=lr, early_stop=early_stop, error=error,
             fingerprint={**model_fingerprint(model), "prompt": prompt,
-                         "resolution": "{}x{} latent".format(*trajectory.shape[-2:])})
+                         "resolution": "{}x{} latent".format(*trajectory.shape[-2:])},
+            reference=input_digest(samples))
         log.info("%s inversion of %r (%d steps, CFG %g): reconstruction error %.4g (relative, latent space)",
                  mode, prompt, len(sigmas) - 1, cfg, error)
+        for name, tensor in (("reconstruction", reconstruction), ("trajectory", trajectory), ("null embeddings", nulls)):
+            host.require_finite(tensor, f"the inversion's {name}", "it diverged, and nothing was saved. In null-text "
+                                "mode lower lr (the paper's is 1e-2) or the CFG; check the model in ddim mode.")
         if path is not None:
+            differences = replaced_differences(path, inversion)
             save_inversion(inversion, path)
-            log.info("saved the inversion to %s", path)
+            if differences:
+                log.warning("Null-Text Invert replaced %s, which held an inversion made differently: %s", path,
+                            "; ".join(differences))
+            else:
+                log.info("saved the inversion to %s%s", path, "" if differences is None else
+                         " (the same settings, model and reference as the file it replaces)")
         latent_out = {"samples": reconstruction}
         if vae is None:
             return io.NodeOutput(inversion, latent_out, None, error)

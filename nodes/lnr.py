@@ -222,6 +222,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
         height, width = (host.PIXELS_PER_LATENT * n for n in layout.trajectory.shape[-2:])
         state = SwapState()
         patched, store = cls._patch(model, all_layers, swap, blend, state, clip, prompt, words, blend_start)
+        if store is not None:
+            host.require_encoded(clip, prompt, target_positive, "Multi-Source Attention Swap")
         if blend and blend_start <= steps and store is None and mask is None:
             raise ValueError("blending needs a mask: give 'words' (with 'clip' and 'prompt') and/or a 'mask', empty "
                              f"'blend_layers', or set 'blend_start' beyond the {steps} steps.")

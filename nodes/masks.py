@@ -5,13 +5,17 @@ sizes and previews the result.
 """
 from __future__ import annotations
 
+import logging
+
 from comfy_api.latest import io, ui
 
 from ..guidance.masks import adaptive_mask, attention_mask
+from .host import require_finite
 from .sam import CATEGORY
 from .sam import NODES as SAM_NODES
 
 OR, REFINE = "or", "refine"
+log = logging.getLogger(__name__)
 
 
 def _match_batch(cross, sam):
@@ -63,8 +67,16 @@ class AdaptiveMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, cross_mask, combine, threshold, min_component, clean_union, sam_mask=None) -> io.NodeOutput:
+        for name, given in (("cross_mask", cross_mask), ("sam_mask", sam_mask)):
+            require_finite(given, f"the {name}", "fix the node that made it; a mask must hold values in [0, 1].")
         cross, sam = _match_batch(attention_mask(cross_mask.float(), threshold), sam_mask)
         mask = adaptive_mask(cross, sam, combine=combine, min_component=min_component, clean_union=clean_union)
+        empty = [i for i in range(mask.shape[0]) if not mask[i].any()]
+        if empty:
+            log.warning("Adaptive Mask: the mask of item(s) %s is empty (no cross_mask cell reaches threshold %g%s%s), "
+                        "so blending with it changes nothing; lower the threshold or min_component.", empty, threshold,
+                        f", none survives min_component {min_component}" if min_component > 0 else "",
+                        "" if sam_mask is None else " and the SAM mask is empty")
         return io.NodeOutput(mask, ui=ui.PreviewMask(mask, cls=cls))
 
 

@@ -175,6 +175,7 @@ class LayoutGuidance(io.ComfyNode):
                 weight, kernel_size, smooth_sigma) -> io.NodeOutput:
         chosen = select_layers(host.unet_layers(model), layers, kind="cross")
         positions, prompt_len = host.prompt_word_positions(clip, prompt, [word])
+        host.require_encoded(clip, prompt, positive, "Layout Guidance")
         sigma_start, sigma_end = _sigma_window(model, start, end)
         schedule = [float(s) for s in sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
@@ -315,7 +316,7 @@ class PickAndDrawSampler(io.ComfyNode):
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
                                           extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,
                                                          "subject": subject})
-        return io.NodeOutput(prepared, sampler)
+        return io.NodeOutput(host.check_sampler_prompt(prepared, clip, prompt, "Pick-and-Draw Sampler"), sampler)
 
 
 NODES = [UREMDGuidance, LayoutGuidance, PickAndDrawSampler]

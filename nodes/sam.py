@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 
 import numpy as np
@@ -19,8 +20,10 @@ import comfy.utils
 import folder_paths
 
 from ..guidance.masks import resize_mask
+from .host import require_finite
 
 SamModelType = io.Custom("PERSONALIZE_SAM_MODEL")
+log = logging.getLogger(__name__)
 CATEGORY = "personalize/masks"
 FOLDER = "sams"
 AUTO, CPU, GPU = "auto", "cpu", "gpu"
@@ -337,6 +340,8 @@ class SAMSegment(io.ComfyNode):
         from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
         count, height, width = image.shape[:3]
+        require_finite(image, "the IMAGE", "fix the node that made it (e.g. a VAE overflowing in fp16) before "
+                                           "segmenting it.")
         if guide is not None and guide.shape[0] not in (1, count):
             raise ValueError(f"guide has {guide.shape[0]} masks for {count} images: give one mask, or one per image.")
         point_array = parse_fractions(points, 2, "points") if mode == POINT else None
@@ -361,6 +366,11 @@ class SAMSegment(io.ComfyNode):
         finally:
             sam.sam.to("cpu")
         mask = torch.from_numpy(np.stack(masks)).float()
+        empty = [i for i in range(count) if not mask[i].any()]
+        if empty:
+            log.warning("SAM Segment: SAM found no object in image(s) %s of the batch (empty mask); move the %s.",
+                        empty, {AUTOMATIC: "guide or lower the thresholds", POINT: "points onto the subject",
+                                BOX: "box around the subject"}[mode])
         return io.NodeOutput(mask, ui=ui.PreviewImage(_overlay(image.float().cpu(), mask), cls=cls))
 
 

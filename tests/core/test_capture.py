@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -48,11 +49,17 @@ def make_store(**kw):
     return AttentionStore(["dog", "hat"], [(2,), (4, 5)], prompt_len=CTX, **kw)
 
 
+def begin(store, sigmas):
+    """A run whose following calls are the sampler's own passes (the host wrapper marks them)."""
+    store.begin_run(sigmas)
+    store.sampler_pass = True
+
+
 def test_recording_keeps_the_output_and_matches_the_reference_per_branch_and_item():
     store = make_store()
     patch = cross_attention_patch(LAYER, store, sdpa)
     q, k, v = qkv(4)                       # 2 chunks (uncond, cond) of 2 items each
-    store.begin_run(SIGMAS)
+    begin(store, SIGMAS)
     out = patch(q, k, v, options(7.0))
     assert torch.equal(out, sdpa(q, k, v, HEADS))
     store.end_run(torch.ones(2, 4, 8, 8))
@@ -64,11 +71,25 @@ def test_recording_keeps_the_output_and_matches_the_reference_per_branch_and_ite
     assert run.maps[(1, LAYER.key, 0)].dtype == torch.float16
 
 
+def test_passes_not_marked_as_the_samplers_are_not_recorded():
+    """SAG's, PAG's and a guidance gradient's extra UNet passes run at the same σ with the same patches."""
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    (q, k, v), (qx, kx, vx) = qkv(2, 1), qkv(2, 2)
+    begin(store, SIGMAS)
+    patch(q, k, v, options(7.0))
+    store.sampler_pass = False
+    assert torch.equal(patch(qx, kx, vx, options(7.0)), sdpa(qx, kx, vx, HEADS))
+    store.end_run(torch.zeros(1))
+    only = reference_maps(q, k, [[2], [4, 5]])
+    torch.testing.assert_close(store.runs[-1].maps[(1, LAYER.key, 0)].float(), only[1:].float(), atol=2e-3, rtol=0)
+
+
 def test_separate_cond_and_uncond_calls_land_in_their_branches():
     store = make_store()
     patch = cross_attention_patch(LAYER, store, sdpa)
     (qc, kc, vc), (qu, ku, vu) = qkv(1, 1), qkv(1, 2)
-    store.begin_run(SIGMAS)
+    begin(store, SIGMAS)
     patch(qc, kc, vc, options(3.0, (0,)))
     patch(qu, ku, vu, options(3.0, (1,)))
     store.end_run(torch.zeros(1))
@@ -102,7 +123,7 @@ def test_previous_replace_is_chained_not_clobbered():
     store = make_store()
     patch = cross_attention_patch(LAYER, store, sdpa, previous)
     q, k, v = qkv(2)
-    store.begin_run(SIGMAS)
+    begin(store, SIGMAS)
     assert torch.equal(patch(q, k, v, options(7.0)), torch.zeros_like(q))
     store.abort_run()
     assert patch(q, k, v, options(7.0)).abs().sum() == 0 and len(calls) == 2
@@ -112,7 +133,7 @@ def test_steps_rule_sigma_matching_and_denoise_schedules():
     store = make_store(steps=parse_steps("0, 2-3"))
     patch = cross_attention_patch(LAYER, store, sdpa)
     q, k, v = qkv(2)
-    store.begin_run(SIGMAS[2:])            # a denoise < 1 run: the schedule starts at σ = 3
+    begin(store, SIGMAS[2:])            # a denoise < 1 run: the schedule starts at σ = 3
     for sigma in (3.0, 1.0, 5.5):          # 5.5 is not in the schedule: ignored
         patch(q, k, v, options(sigma))
     store.end_run(torch.zeros(1))
@@ -124,10 +145,10 @@ def test_runs_are_fingerprinted_bounded_and_interrupted_runs_leave_nothing():
     patch = cross_attention_patch(LAYER, store, sdpa)
     q, k, v = qkv(2)
     for i in range(3):
-        store.begin_run(SIGMAS)
+        begin(store, SIGMAS)
         patch(q, k, v, options(7.0))
         store.end_run(torch.full((1, 4, 2, 2), float(i)))
-    store.begin_run(SIGMAS)
+    begin(store, SIGMAS)
     patch(q, k, v, options(7.0))
     store.abort_run()                       # an interrupted run
     assert len(store.runs) == 2
@@ -154,3 +175,25 @@ def test_context_repetition_and_mismatch():
     assert expand_positions((2, 5), 154, 77) == [2, 5, 79, 82]
     with pytest.raises(ValueError, match="same prompt text"):
         expand_positions((80,), 77, 154)
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("every", "'every' is not understood; 'every N' needs a whole number"),
+    ("every x", "'every x' is not understood; 'every N' needs a whole number"),
+    ("every 0", "'every 0' is not understood"),
+    ("every 5 steps", "'every 5 steps' is not understood"),
+    ("0-", "'0-' is not understood"),
+    ("9-2", "the range '9-2' runs backwards; write it '2-9'"),
+    ("1,,3", "has an empty entry between commas"),
+    ("first 5", "'first5' is not understood"),
+])
+def test_step_rule_typos_are_refused_with_a_message(rule, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_steps(rule)
+
+
+def test_step_rules_pick_their_steps():
+    assert [s for s in range(12) if parse_steps("every 5")(s, 12)] == [0, 5, 10]
+    assert [s for s in range(12) if parse_steps("every5")(s, 12)] == [0, 5, 10]
+    assert [s for s in range(12) if parse_steps(" 0-2, 7 ")(s, 12)] == [0, 1, 2, 7]
+    assert all(parse_steps("all")(s, 12) for s in range(12))

@@ -271,3 +271,47 @@ def test_fingerprint_samples_span_every_weight_even_past_float32_integers(mod):
     huge = torch.arange(2.0).repeat_interleave(torch.tensor([29491199, 1]))    # the last element alone is 1
     sampled = mod._sample(huge)
     assert len(sampled) == mod.WEIGHT_SAMPLES and sampled[-1].item() == 1 and sampled[:-1].sum().item() == 0
+
+
+def test_requeueing_the_same_graph_rewrites_the_same_file_and_a_change_is_named(host, mod, reference, caplog):
+    """Pressing Run again (a fresh executor: nothing cached) gives the same inversion and file, without an error;
+    a re-run with another setting or another reference replaces the file and says what differs."""
+    import logging
+
+    import harness
+    from PIL import Image
+    Image.fromarray((reference[0].numpy() * 255).round().astype(np.uint8)).save(host.input_dir / "requeue.png")
+    Image.fromarray((reference[0].flip(0).numpy() * 255).round().astype(np.uint8)).save(host.input_dir / "other.png")
+
+    def graph(cfg=7.5, image="requeue.png"):
+        return {
+            "1": {"class_type": "TinyCheckpointLoader", "inputs": {"kind": "sd1"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "3": {"class_type": "NullTextInvert", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "prompt": PROMPT, "mode": "null-text", "steps": 3,
+                "scheduler": "ddim_uniform", "cfg": cfg, "inner_steps": 2, "lr": 0.01, "early_stop": 1e-5,
+                "save_name": "requeued", "image": ["2", 0], "vae": ["1", 2]}},
+        }
+
+    path = host.output_dir / "inversions" / "requeued.safetensors"
+    first = harness.run_prompt(graph())["3"]
+    first_file = mod.load_inversion(str(path))
+    with caplog.at_level(logging.INFO):
+        second = harness.run_prompt(graph())["3"]
+    assert "the same settings, model and reference as the file it replaces" in caplog.text
+    second_file = mod.load_inversion(str(path))
+    for field in dataclasses.fields(first_file):
+        a, b = getattr(first_file, field.name), getattr(second_file, field.name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), field.name
+    assert torch.equal(first[0].null_embeddings, second[0].null_embeddings)
+    assert torch.equal(first[1]["samples"], second[1]["samples"]) and first[3] == second[3]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        harness.run_prompt(graph(cfg=5.0))
+    assert f"Null-Text Invert replaced {path}, which held an inversion made differently: cfg 7.5 -> 5.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        harness.run_prompt(graph(cfg=5.0, image="other.png"))
+    assert "made differently: reference '(1, 4, 16, 16) #" in caplog.text
+    assert not [f for f in os.listdir(path.parent) if f.endswith(".tmp")]

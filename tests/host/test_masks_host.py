@@ -262,6 +262,20 @@ def test_bad_prompts_are_refused(sam_mod, loaded):
         segment(sam_mod, loaded, images(2), "automatic", guide=torch.ones(3, 8, 8))
 
 
+def test_a_nan_image_is_refused_and_an_empty_mask_is_reported(sam_mod, loaded, monkeypatch, caplog):
+    import logging
+    bad = images(2).clone()
+    bad[1, 4, 4, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the IMAGE holds 1 NaN/Inf value \(of 11520\): fix the node that made it"):
+        segment(sam_mod, loaded, bad, "point")
+    # SAM finding nothing at the prompt (an all-False mask from its predictor)
+    monkeypatch.setattr(sam_mod, "_prompted", lambda predictor, image, *a: np.zeros(image.shape[:2], dtype=bool))
+    with caplog.at_level(logging.WARNING):
+        out = segment(sam_mod, loaded, images(2), "box")
+    assert not out.any()
+    assert "SAM Segment: SAM found no object in image(s) [0, 1] of the batch (empty mask); move the box" in caplog.text
+
+
 # --- adaptive mask ------------------------------------------------------------------------------
 
 
