@@ -29,6 +29,8 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
+from .sampling import readable_weights
+
 KEY = "comfyui-personalize.gradient_checkpointing"
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ def _block_function(block, options: dict, block_id: tuple, transformer_index: in
         # a private copy of the options, so backward's recomputation sees the block and transformer
         # index of the first run (forward_timestep_embed advances the index in place)
         private = {**options, "block": block_id, "transformer_index": transformer_index}
-        return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
+        # backward's recomputation runs after the gradient pass has handed the loaded weights back
+        with readable_weights([block]):
+            return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
     return run
 
 

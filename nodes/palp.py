@@ -5,12 +5,12 @@ The maths is ``guidance/palp.py``; this module runs it inside the host's samplin
 
 Trainables (never on the caller's MODEL or CLIP):
 - LoRA adapters (Hu et al. 2022) on the self- and cross-attention projections, installed as the host's
-  weight wrappers (``add_weight_wrapper``) on a clone whose other weights are fresh copies
-  (``fresh_weights``); each has an on/off flag, so the frozen base branch of Eq. 6 is the same clone with
+  weight wrappers (``add_weight_wrapper``) on a ``gradient_model`` clone (the loaded weights, read in
+  place, get no gradient); each has an on/off flag, so the frozen base branch of Eq. 6 is the same clone with
   the adapters off (two clones of one base cannot be resident together);
 - one token vector per placeholder and text tower, spliced into the tokenized prompt (the host's
   tokenizer accepts tensors in token lists) and reaching the UNet through a frozen text encoder whose
-  weights are fresh copies too.
+  weights are detached copies (``fresh_weights``).
 
 SDXL: the personalized prompt's per-token context carries the learned token; the pooled vector (SDXL's
 ``adm`` input) stays the target prompt's, so the token gets no gradient through clip_g's pooled output.
@@ -44,7 +44,7 @@ from . import host
 from .checkpointing import with_gradient_checkpointing
 from .files import save_atomic
 from .inversion import conditioning
-from .sampling import check_interrupt, fresh_weights, grad_enabled, run_loop
+from .sampling import check_interrupt, fresh_weights, grad_enabled, gradient_model, run_loop
 
 CATEGORY = "personalize/palp"
 FOLDER = "palp"                    # checkpoints, under the host's output folder
@@ -588,7 +588,7 @@ class PALPTrainer(io.ComfyNode):
                     state.restore({k: f.get_tensor(k) for k in f.keys()}, int(metadata["palp_step"]))
                 log.info("PALP: resuming %s at step %d of %d", paths.checkpoint, state.step, steps)
 
-        worker = fresh_weights(model, PRECISIONS[precision])
+        worker = gradient_model(model, PRECISIONS[precision])
         if gradient_checkpointing:
             worker = with_gradient_checkpointing(worker)
         for name, adapter in adapters.items():
