@@ -43,12 +43,11 @@ import comfy.utils
 
 GRADIENT_PASS_KEY = "comfyui-personalize.gradient_pass"
 HALF = (torch.float16, torch.bfloat16)
-PACKAGE = __name__.rsplit(".", 2)[0]
 # the host's kernels that have a backward; any other is replaced by PyTorch's (SDPA) in gradient passes
 _WITH_BACKWARD = {getattr(f, "__wrapped__", f) for f in (host_attention.attention_basic, host_attention.attention_sub_quad,
                                                          host_attention.attention_split, host_attention.attention_pytorch)}
-NO_BACKWARD = ("the attention kernel returned no gradient (another node's attention override, or a kernel without a "
-               "backward): this node differentiates through the UNet. Start ComfyUI with --use-pytorch-cross-attention "
+NO_BACKWARD = ("Attention returned no gradient (another node's attention override, or a kernel without a backward), "
+               "and this node differentiates through the UNet: start ComfyUI with --use-pytorch-cross-attention "
                "(not --use-sage-attention, --use-flash-attention or xformers), or remove the node that overrides "
                "attention from this model's chain.")
 
@@ -96,21 +95,25 @@ class _ReadableInference(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _own(patch) -> bool:
-    return (getattr(patch, "__module__", None) or type(patch).__module__ or "").startswith(PACKAGE)
-
-
 def _autograd_safe(patch):
     """``patch`` on copies of its tensor inputs, with what it saves for backward copied too: an in-place
     write (FreeU_V2's ``h[:, :n] = …``) then touches nothing autograd holds."""
-    if not callable(patch) or _own(patch):
+    if not callable(patch):
         return patch
 
     def run(*args, **kwargs):
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         with _ReadableInference(), torch.autograd.graph.saved_tensors_hooks(torch.clone, _unpack):
-            return patch(*args, **kwargs)
+            out = patch(*args, **kwargs)
+        if _requires_grad(args) and not _requires_grad(out if isinstance(out, (tuple, list)) else (out,)):
+            raise ValueError(f"another node's model patch ({getattr(patch, '__qualname__', type(patch).__name__)}) "
+                             f"cut the gradient. {NO_BACKWARD}")
+        return out
     return run
+
+
+def _requires_grad(values) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
 def _unpack(saved):
@@ -130,16 +133,28 @@ def _attention_with_backward(previous):
         if func not in _WITH_BACKWARD:
             func = host_attention.attention_pytorch.__wrapped__
         out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
-        if not out.requires_grad and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:3]):
+        if not out.requires_grad and _requires_grad(args[:3]):
             raise ValueError(NO_BACKWARD)
         return out
     return override
 
 
-def _gradient_options(model_options: dict) -> dict:
-    """``model_options`` for one gradient pass: attention with a backward, other packs' patches autograd-safe."""
+def _fresh_activation(h, transformer_options):
+    return h.clone()
+
+
+def _gradient_options(model_options: dict, controlled: bool) -> dict:
+    """``model_options`` for one gradient pass: attention with a backward, other packs' patches autograd-safe.
+
+    ``controlled`` (a ControlNet in the conds): the host adds ControlNet residuals to the skip connections in
+    place (``apply_control``: ``h += ctrl``) after the next block has saved them for backward; the blocks
+    then read a copy (an ``input_block_patch_after_skip``), and the in-place add touches only the skip.
+    """
     options = dict(model_options.get("transformer_options", {}))
     options["patches"] = {name: [_safe_entry(p) for p in entries] for name, entries in options.get("patches", {}).items()}
+    if controlled:
+        after_skip = options["patches"].get("input_block_patch_after_skip", [])
+        options["patches"]["input_block_patch_after_skip"] = after_skip + [_fresh_activation]
     options["patches_replace"] = {name: {key: _autograd_safe(p) for key, p in replaces.items()}
                                   for name, replaces in options.get("patches_replace", {}).items()}
     options["optimized_attention_override"] = _attention_with_backward(options.get("optimized_attention_override"))
@@ -179,8 +194,9 @@ def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast
         return executor(model, conds, x_in, timestep, model_options)
     compute = model.manual_cast_dtype or model.get_dtype()
     precision = _computing_in(model, torch.float32) if upcast and compute in HALF else contextlib.nullcontext()
-    with readable_weights([model.diffusion_model, *_control_models(conds)]), precision:
-        return executor(model, conds, x_in, timestep, _gradient_options(model_options))
+    controls = _control_models(conds)
+    with readable_weights([model.diffusion_model, *controls]), precision:
+        return executor(model, conds, x_in, timestep, _gradient_options(model_options, bool(controls)))
 
 
 def gradient_model(model, compute_dtype=None):
