@@ -15,7 +15,8 @@ everything inside a block is recomputed. Each block still runs through the host'
 blocks where ``_forward`` applies them, so outputs are bit-identical to the unwrapped forward.
 
 Patches inside a block (attention replaces, weight wrappers) run twice under gradient: once forward,
-once in backward's recomputation.
+once in backward's recomputation. The recomputation runs after the gradient pass has ended, so each
+block reads the loaded weights through ``sampling.readable_weights`` itself (no copy, no gradient).
 """
 from __future__ import annotations
 
