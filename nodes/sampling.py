@@ -107,7 +107,9 @@ def _autograd_safe(patch):
             out = patch(*args, **kwargs)
         if _requires_grad(args) and not _requires_grad(out if isinstance(out, (tuple, list)) else (out,)):
             raise ValueError(f"another node's model patch ({getattr(patch, '__qualname__', type(patch).__name__)}) "
-                             f"cut the gradient. {NO_BACKWARD}")
+                             "returned no gradient, and this node differentiates through the UNet: remove that node "
+                             "from this model's chain (if it computes attention, starting ComfyUI with "
+                             "--use-pytorch-cross-attention may be enough).")
         return out
     return run
 

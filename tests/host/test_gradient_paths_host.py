@@ -383,6 +383,15 @@ def test_an_override_that_cuts_the_gradient_is_refused_by_name(env, pnd_terms):
         pnd_pass(env, model, pnd_terms)
 
 
+def test_a_patch_that_cuts_the_gradient_is_refused(env, pnd_terms):
+    """Another pack's patch returning a detached tensor (here an attn1 output patch) would silently drop that
+    path from the gradient: refused."""
+    model = env.model.clone()
+    model.set_model_attn1_output_patch(lambda out, extra_options: out.detach())
+    with pytest.raises(ValueError, match="returned no gradient"):
+        pnd_pass(env, model, pnd_terms)
+
+
 # --- 4. other packs' patches in the chain -------------------------------------------------------------------
 
 
