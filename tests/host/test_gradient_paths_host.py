@@ -27,6 +27,15 @@ def env(host, pack):
                                  tiny=tiny_models)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def unpatched_after(host):
+    """The host keeps the last model it sampled with loaded, a LoRA merged into the shared weights: unload it,
+    so later modules see the tiny model's own weights."""
+    yield
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+
+
 def encode(env, text):
     return env.clip.encode_from_tokens_scheduled(env.clip.tokenize(text))
 
