@@ -48,6 +48,11 @@ def trainer(args):
                 rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=args.res, precision="fp32",
                 gradient_checkpointing=checkpointing, seed=0, save_name="bench", overwrite=True, resume=False,
                 checkpoint_every=0)
+        # an honest ratio: neither variant may compute (or keep) gradients of the frozen base weights
+        leaked = [n for n, p in model.model.named_parameters() if p.grad is not None or p.requires_grad is not requires[n]]
+        if leaked:
+            raise SystemExit(f"{variant}: {len(leaked)} base UNet weights got a .grad or changed requires_grad")
+    requires = {n: p.requires_grad for n, p in model.model.named_parameters()}
     return run
 
 

@@ -15,7 +15,8 @@ everything inside a block is recomputed. Each block still runs through the host'
 blocks where ``_forward`` applies them, so outputs are bit-identical to the unwrapped forward.
 
 Patches inside a block (attention replaces, weight wrappers) run twice under gradient: once forward,
-once in backward's recomputation.
+once in backward's recomputation. The recomputation runs after the gradient pass has ended, so each
+block reads the loaded weights through ``sampling.readable_weights`` itself (no copy, no gradient).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
+from .sampling import readable_weights
+
 KEY = "comfyui-personalize.gradient_checkpointing"
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,9 @@ def _block_function(block, options: dict, block_id: tuple, transformer_index: in
         # a private copy of the options, so backward's recomputation sees the block and transformer
         # index of the first run (forward_timestep_embed advances the index in place)
         private = {**options, "block": block_id, "transformer_index": transformer_index}
-        return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
+        # backward's recomputation runs after the gradient pass has handed the loaded weights back
+        with readable_weights([block]):
+            return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
     return run
 
 

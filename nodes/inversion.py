@@ -24,7 +24,7 @@ import folder_paths
 from ..guidance.inversion import ddim_invert, null_text_invert, replay
 from . import host
 from .files import save_atomic
-from .sampling import fresh_weights, grad_enabled, progress, run_loop
+from .sampling import grad_enabled, gradient_model, progress, run_loop
 
 InversionType = io.Custom("PERSONALIZE_INVERSION")
 CATEGORY = "personalize/inversion"
@@ -464,9 +464,9 @@ class NullTextInvert(io.ComfyNode):
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
-        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16), and fresh
-        # weight copies so the null embedding's gradient can pass through the UNet
-        worker = fresh_weights(model, torch.float32)
+        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); gradient passes
+        # read the loaded weights (sampling.gradient_model)
+        worker = gradient_model(model, torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,
             _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct), cfg=cfg)

@@ -25,7 +25,7 @@ from .palp_files import Paths, read_checkpoint, read_results, run_inputs, stale,
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
                          class_word_vector, image_tensor, loss_plot, splice, square, towers,
                          with_embedding_dirs)
-from .sampling import fresh_weights, run_loop
+from .sampling import fresh_weights, gradient_model, run_loop
 
 CATEGORY = "personalize/palp"
 
@@ -188,7 +188,7 @@ class PALPTrainer(io.ComfyNode):
                 state.restore(*read_checkpoint(paths.checkpoint))
                 log.info("PALP: resuming %s at step %d of %d", paths.checkpoint, state.step, steps)
 
-        worker = fresh_weights(model, PRECISIONS[precision])
+        worker = gradient_model(model, PRECISIONS[precision])
         if gradient_checkpointing:
             worker = with_gradient_checkpointing(worker)
         text_worker = clip.clone()

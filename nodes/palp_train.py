@@ -7,13 +7,13 @@ trainables' state, the learned token's text towers and the loop that ``sampling.
 Trainables (never on the caller's MODEL or CLIP):
 - LoRA adapters (Hu et al. 2022) on the self- and cross-attention projections, each a separate low-rank
   branch beside its projection (:class:`LoRAProjection`, in place only while the loop runs, :func:`beside`)
-  on a clone whose weights are fresh copies (``fresh_weights``); each has an on/off flag, so the frozen base
+  on a ``gradient_model`` clone (the loaded weights, read in place, get no gradient); each has an on/off flag, so the frozen base
   branch of Eq. 6 is the same clone with the adapters off (two clones of one base cannot be resident
   together). The MODEL the node returns merges them as weight wrappers instead, as the host's LoraLoader
   merges the saved file;
 - one token vector per placeholder and text tower, spliced into the tokenized prompt (the host's
   tokenizer accepts tensors in token lists) and reaching the UNet through a frozen text encoder whose
-  weights are fresh copies too.
+  weights are detached copies (``fresh_weights``).
 
 Conditioning: every branch runs under its own prompt's encoding, per-token context and (SDXL) pooled
 vector with the size embeddings alike: ε*(x_t, y_P) and G^β(x̂_t, y_P) under y_P's (the learned token's

@@ -15,7 +15,7 @@ from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
 from .inversion import InversionType, require_same_model
-from .sampling import Loop, fresh_weights, grad_enabled, run_loop
+from .sampling import Loop, grad_enabled, gradient_model, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
@@ -311,7 +311,7 @@ class PickAndDrawSampler(io.ComfyNode):
                             "differently normalised maps. Use the same word (e.g. the class word) in both.",
                             subject, len(positions[0]), type(term).__name__, term.subject, term.tokens)
         store = AttentionStore([subject], positions, prompt_len, layers)
-        prepared = host.install_capture(fresh_weights(model), store, layers, features, record=False)
+        prepared = host.install_capture(gradient_model(model), store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
                                           extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,

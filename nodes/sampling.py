@@ -6,41 +6,235 @@ patches only inside ``CFGGuider.sample``. :func:`run_loop` runs a function of ou
 context by handing the guider a KSAMPLER whose sampler function is ours; :class:`Loop` is what
 that function can call while the model is loaded.
 
-Gradients: nodes run under ``torch.inference_mode()``, and a loaded model's weights are inference
-tensors, which autograd refuses to save for backward. :func:`fresh_weights` returns a clone whose
-every weight and bias reaches the forward as a fresh copy (the host's weight-wrapper path, host
-notes §3.2–3.3), so passes inside :func:`grad_enabled` can differentiate through the UNet.
+Gradient passes (P&D's guidance gradient, null-text inversion's null embedding, PALP's LoRA and
+token) run inside :func:`grad_enabled` on a :func:`gradient_model` clone. Only what a node trains
+gets gradients; the caller's weights are read where they lie:
+
+- Weights: nodes run under ``torch.inference_mode()``, so a loaded model's weights are inference
+  tensors, which autograd refuses to save for backward. For the span of each gradient pass the UNet's
+  (and any ControlNet's) inference parameters are swapped for plain tensors over the same memory
+  (:func:`readable_weights`): no copy, no ``requires_grad``, so nothing flows back to them and a pass
+  without gradient runs the model untouched.
+- Precision: a gradient pass computes in fp32 whatever the weights' dtype (the host's manual cast,
+  host notes §3.3): P&D's per-element gradients (~1e-5–1e-6) are subnormal or zero in fp16, and
+  bf16 keeps 8 bits of the direction. A clone given an explicit ``compute_dtype`` computes every
+  pass in it instead (NTI: fp32; PALP: its ``precision``).
+- Attention: a kernel without a backward (flash attention, SageAttention, xformers) is replaced by
+  the host's PyTorch attention for gradient passes, through the host's
+  ``optimized_attention_override``; a kernel that still returns a cut graph is refused by name.
+- Other packs' patches (FreeU_V2, IPAdapter-style attention replaces …) run on copies of their
+  inputs with what they save for backward copied, so their in-place writes cannot invalidate the
+  graph ("modified by an inplace operation").
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
+import comfy.ldm.modules.attention as host_attention
 import comfy.model_management
+import comfy.ops
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 
+GRADIENT_PASS_KEY = "comfyui-personalize.gradient_pass"
+HALF = (torch.float16, torch.bfloat16)
+# the host's kernels that have a backward; any other is replaced by PyTorch's (SDPA) in gradient passes
+_WITH_BACKWARD = {getattr(f, "__wrapped__", f) for f in (host_attention.attention_basic, host_attention.attention_sub_quad,
+                                                         host_attention.attention_split, host_attention.attention_pytorch)}
+NO_BACKWARD = ("Attention returned no gradient (another node's attention override, or a kernel without a backward), "
+               "and this node differentiates through the UNet: start ComfyUI with --use-pytorch-cross-attention "
+               "(not --use-sage-attention, --use-flash-attention or xformers), or remove the node that overrides "
+               "attention from this model's chain.")
 
-def _fresh(tensor):
-    # the host copies a weight before calling its wrappers; the copy is made outside inference
-    # mode during a gradient pass, which is all that is needed
-    return tensor
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over ``tensor``'s memory: no copy, outside any graph (``requires_grad`` False)."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
-def fresh_weights(model, compute_dtype=None):
-    """A clone whose weights are copied on every forward, so gradients can pass through them.
+def _needs_alias(tensor) -> bool:
+    # exact types only: a quantized subclass (GGUF, …) makes fresh tensors in its own cast path
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and (tensor.is_inference() or tensor.requires_grad)
 
-    ``compute_dtype`` (e.g. fp32 for null-text inversion) also makes the UNet compute in that dtype.
+
+@contextlib.contextmanager
+def readable_weights(modules):
+    """Inside, the modules' inference (or grad-requiring) parameters and buffers are aliases: plain
+    tensors over the same memory that autograd may save, and that never receive a gradient.
+
+    Held only for one pass (the host may move weights between passes); a graph built inside keeps
+    the aliases, so its backward may run after the block.
+    """
+    swapped = []
+    try:
+        for module in modules:
+            for sub in module.modules():
+                for table in (sub._parameters, sub._buffers):
+                    for name, tensor in list(table.items()):
+                        if tensor is not None and _needs_alias(tensor):
+                            table[name] = _alias(tensor)
+                            swapped.append((table, name, tensor))
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
+
+
+class _ReadableInference(torch.overrides.TorchFunctionMode):
+    """Every inference tensor an op receives becomes an alias (for code we do not own, e.g. a patch's
+    own weights or masks made at node time); per-op Python cost, so only around small calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        args = tuple(_alias(a) if _needs_alias(a) and a.is_inference() else a for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+def _autograd_safe(patch):
+    """``patch`` on copies of its tensor inputs, with what it saves for backward copied too: an in-place
+    write (FreeU_V2's ``h[:, :n] = …``) then touches nothing autograd holds."""
+    if not callable(patch):
+        return patch
+
+    def run(*args, **kwargs):
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        with _ReadableInference(), torch.autograd.graph.saved_tensors_hooks(torch.clone, _unpack):
+            out = patch(*args, **kwargs)
+        if _requires_grad(args) and not _requires_grad(out if isinstance(out, (tuple, list)) else (out,)):
+            raise ValueError(f"another node's model patch ({getattr(patch, '__qualname__', type(patch).__name__)}) "
+                             "returned no gradient, and this node differentiates through the UNet: remove that node "
+                             "from this model's chain (if it computes attention, starting ComfyUI with "
+                             "--use-pytorch-cross-attention may be enough).")
+        return out
+    return run
+
+
+def _requires_grad(values) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def _unpack(saved):
+    return saved
+
+
+def _safe_entry(entry):
+    # forward_timestep_embed_patch entries are (module class, handler) pairs
+    if isinstance(entry, tuple):
+        return tuple(_autograd_safe(e) for e in entry)
+    return _autograd_safe(entry)
+
+
+def _attention_with_backward(previous):
+    """The host's ``optimized_attention_override`` for gradient passes (host attention.py ``wrap_attn``)."""
+    def override(func, *args, **kwargs):
+        if func not in _WITH_BACKWARD:
+            func = host_attention.attention_pytorch.__wrapped__
+        out = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+        if not out.requires_grad and _requires_grad(args[:3]):
+            raise ValueError(NO_BACKWARD)
+        return out
+    return override
+
+
+def _fresh_activation(h, transformer_options):
+    return h.clone()
+
+
+def _gradient_options(model_options: dict, controlled: bool) -> dict:
+    """``model_options`` for one gradient pass: attention with a backward, other packs' patches autograd-safe.
+
+    ``controlled`` (a ControlNet in the conds): the host adds ControlNet residuals to the skip connections in
+    place (``apply_control``: ``h += ctrl``) after the next block has saved them for backward; the blocks
+    then read a copy (an ``input_block_patch_after_skip``), and the in-place add touches only the skip.
+    """
+    options = dict(model_options.get("transformer_options", {}))
+    options["patches"] = {name: [_safe_entry(p) for p in entries] for name, entries in options.get("patches", {}).items()}
+    if controlled:
+        after_skip = options["patches"].get("input_block_patch_after_skip", [])
+        options["patches"]["input_block_patch_after_skip"] = after_skip + [_fresh_activation]
+    options["patches_replace"] = {name: {key: _autograd_safe(p) for key, p in replaces.items()}
+                                  for name, replaces in options.get("patches_replace", {}).items()}
+    options["optimized_attention_override"] = _attention_with_backward(options.get("optimized_attention_override"))
+    return {**model_options, "transformer_options": options}
+
+
+@contextlib.contextmanager
+def _computing_in(base_model, dtype):
+    """The UNet computes in ``dtype`` (the host's manual cast: weights cast per layer) for one pass."""
+    layers = [m for m in base_model.diffusion_model.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    saved = base_model.manual_cast_dtype, [m.comfy_cast_weights for m in layers]
+    base_model.manual_cast_dtype = dtype
+    for m in layers:
+        m.comfy_cast_weights = True
+    try:
+        yield
+    finally:
+        base_model.manual_cast_dtype = saved[0]
+        for m, flag in zip(layers, saved[1]):
+            m.comfy_cast_weights = flag
+
+
+def _control_models(conds) -> list:
+    found = []
+    for entries in conds:
+        for entry in entries or []:
+            control = entry.get("control")
+            if control is not None:
+                found += [patcher.model for patcher in control.get_models()]
+    return found
+
+
+def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast=True):
+    """CALC_COND_BATCH wrapper: under grad, the pass reads the loaded weights (UNet and ControlNets) without
+    copying them, in fp32 if they are half precision (``upcast``), with attention and patches that back-propagate."""
+    if not torch.is_grad_enabled():
+        return executor(model, conds, x_in, timestep, model_options)
+    compute = model.manual_cast_dtype or model.get_dtype()
+    precision = _computing_in(model, torch.float32) if upcast and compute in HALF else contextlib.nullcontext()
+    controls = _control_models(conds)
+    with readable_weights([model.diffusion_model, *controls]), precision:
+        return executor(model, conds, x_in, timestep, _gradient_options(model_options, bool(controls)))
+
+
+def gradient_model(model, compute_dtype=None):
+    """A clone of a MODEL ready for gradient passes (this module's docstring); passes without gradient are
+    the model's own, bit for bit.
+
+    ``compute_dtype`` makes every pass compute in that dtype (e.g. fp32 for null-text inversion, whose small
+    optimisation steps vanish in fp16); without it only gradient passes compute in fp32, and only when
+    the model computes in half precision.
     """
     patched = model.clone()
+    if compute_dtype is not None:
+        patched.set_model_compute_dtype(compute_dtype)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY,
+                                 functools.partial(_gradient_pass, upcast=compute_dtype is None))
+    return patched
+
+
+def _detached(weight):
+    # the host hands wrappers a fresh copy of the weight (cast_to(copy=True)); detached, no gradient
+    # reaches the stored weight
+    return weight.detach()
+
+
+def fresh_weights(patcher):
+    """A clone whose every weight reaches the forward as a detached copy (the host's weight-wrapper path).
+
+    For a text encoder differentiated for a learned token (PALP): it is small next to the UNet, and
+    wrappers act at each forward, so the host may load or move it between encodes.
+    """
+    patched = patcher.clone()
     for name, module in patched.model.named_modules():
         if hasattr(module, "weight_function"):
             for param in ("weight", "bias"):
                 if getattr(module, param, None) is not None:
-                    patched.add_weight_wrapper(f"{name}.{param}", _fresh)
-    if compute_dtype is not None:
-        patched.set_model_compute_dtype(compute_dtype)
+                    patched.add_weight_wrapper(f"{name}.{param}", _detached)
     return patched
 
 

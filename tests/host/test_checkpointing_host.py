@@ -18,7 +18,7 @@ def ckpt(pack):
 def lora_model(pack, model, rank=4, seed=0):
     """A fresh-weight clone with one trainable LoRA adapter per attention projection (PALP's trainables)."""
     palp, sampling = pack("nodes.palp"), pack("nodes.sampling")
-    worker = sampling.fresh_weights(model)
+    worker = sampling.gradient_model(model)
     gen = torch.Generator().manual_seed(seed)
     adapters = []
     with torch.inference_mode(False):

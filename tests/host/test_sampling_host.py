@@ -42,7 +42,7 @@ def test_own_euler_loop_reproduces_the_host_sampler_exactly(parts):
 def test_gradients_through_the_unet_match_finite_differences(parts):
     sampling, model, pos, neg = parts
     before = copy.deepcopy(model.model_options), dict(model.weight_wrapper_patches)
-    fresh = sampling.fresh_weights(model)
+    fresh = sampling.gradient_model(model)
     sigma = sigmas_for(model, 10)[3]
     x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     direction = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,530 @@
+"""Every gradient pass through the UNet (nodes/sampling.py ``gradient_model`` / ``grad_enabled``) on the tiny SD1.
+
+The three passes: P&D's guidance gradient (the sampler's loss Σ weight·ℓ of its active terms, Eq. 9, w.r.t. the
+latent), null-text inversion's gradient w.r.t. the null embedding, and PALP's LoRA gradient. Each is checked
+against an independent reference: a central finite difference of the same function differentiated naively
+(``naive_autograd``: no part of the pack's machinery, every saved tensor copied, so a cut or corrupted graph
+shows), the fp32 model's gradient (for fp16/bf16 weights), or the host's own attention.
+"""
+import contextlib
+import functools
+import types
+
+import pytest
+import torch
+from test_checkpointing_host import lora_model
+
+PROMPT, TEMPLATE, REF_PROMPT = "a photo of a sks dog in the water", "a photo of a dog in the water", "a photo of a sks dog"
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def env(host, pack):
+    import tiny_models
+    model, clip, vae = tiny_models.tiny_sd1()
+    return types.SimpleNamespace(sampling=pack("nodes.sampling"), pnd=pack("nodes.pnd"), inversion=pack("nodes.inversion"),
+                                 palp=pack("nodes.palp"), host_nodes=pack("nodes.host"), model=model, clip=clip, vae=vae,
+                                 tiny=tiny_models)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unpatched_after(host):
+    """The host keeps the last model it sampled with loaded, a LoRA merged into the shared weights: unload it,
+    so later modules see the tiny model's own weights."""
+    yield
+    import comfy.model_management
+    comfy.model_management.unload_all_models()
+
+
+def encode(env, text):
+    return env.clip.encode_from_tokens_scheduled(env.clip.tokenize(text))
+
+
+def schedule(model):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", STEPS)
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+@functools.cache
+def half(dtype):
+    """The tiny SD1 UNet with its weights stored in ``dtype`` (computing in it, as the host runs fp16 checkpoints)."""
+    import tiny_models
+    return unet_copy(tiny_models.tiny_sd1()[0], dtype)
+
+
+@functools.cache
+def rounded(dtype):
+    """The fp32 model holding ``half(dtype)``'s weights: the reference of a computation on those weights."""
+    return unet_copy(half(dtype), torch.float32)
+
+
+def unet_copy(model, dtype):
+    import comfy.model_base
+    import comfy.model_patcher
+    import tiny_models
+    with torch.inference_mode():
+        config = tiny_models.TinySD15(dict(tiny_models.SD1_UNET))
+        config.set_inference_dtype(dtype, None)
+        base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
+        base.load_state_dict(model.model.state_dict())
+    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+
+
+def assert_direction(run, dtype, what):
+    """``run(model)``'s gradient on ``dtype`` weights against fp32: the fp32 computation on the same (rounded)
+    weights gives the same direction (cosine ≥ 0.999), and so does the fp32 model itself (cosine ≥ 0.99) — for
+    bf16 the rounding of the weights alone turns P&D's appearance gradient by up to cosine 0.97 on the tiny
+    model, which no computation can undo, so there only the first holds."""
+    got, same_weights, fp32 = run(half(dtype)), run(rounded(dtype)), run(None)
+    assert torch.isfinite(got).all(), what
+    assert cosine(got, same_weights) >= 0.999, (what, dtype, cosine(got, same_weights))
+    if dtype == torch.float16:
+        assert cosine(got, fp32) >= 0.99, (what, dtype, cosine(got, fp32))
+    return got, fp32
+
+
+# --- the three gradient passes -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pnd_terms(env):
+    """P&D's appearance (steps 2-3) and layout (steps 0-1) terms, built once on the fp32 model."""
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    image = env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)
+    with torch.inference_mode():
+        inversion = env.inversion.NullTextInvert.execute(env.model, env.clip, REF_PROMPT, "ddim", STEPS, "ddim_uniform",
+                                                         7.5, 10, 1e-2, 1e-5, "", image=image, vae=env.vae).args[0]
+        appearance = env.pnd.UREMDGuidance.execute(env.model, inversion, env.clip, "sks dog", 0.5, "auto", 0.2, 0.4,
+                                                   1.0).args[0]
+        layout = env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", encode(env, TEMPLATE),
+                                                encode(env, ""), 7.5, Noise_RandomNoise(0), sigmas, {"samples": latent},
+                                                "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
+    return appearance, layout
+
+
+def pnd_prepared(env, model, terms, positive=None):
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, env.clip, PROMPT, "dog", 0.1, True, *terms).args
+    return prepared, sampler
+
+
+class CopiedInference(torch.overrides.TorchFunctionMode):
+    """Every inference tensor an op receives is copied first (outside the graph)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def fresh(a):
+            if isinstance(a, (list, tuple)):
+                return type(a)(fresh(b) for b in a)
+            if isinstance(a, torch.Tensor) and a.is_inference():
+                with torch.no_grad():
+                    return a.clone()
+            return a
+        return func(*fresh(args), **{k: fresh(v) for k, v in (kwargs or {}).items()})
+
+
+@contextlib.contextmanager
+def naive_autograd():
+    """The reference gradient: the host's forward differentiated as it is, none of sampling.py's machinery — every
+    inference tensor copied where an op meets it and every tensor autograd saves copied when saved, so no in-place
+    write can reach it. Slow; only around a pass, never around model loading (it would copy the weights)."""
+    with CopiedInference(), torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+        yield
+
+
+def without_gradient_pass(env, model):
+    """``model`` (a gradient_model clone) without the pack's gradient-pass wrapper, for the naive reference."""
+    import comfy.patcher_extension
+    plain = model.clone()
+    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, env.sampling.GRADIENT_PASS_KEY)
+    return plain
+
+
+def differentiate(env, reference, loss, wrt):
+    """∇ loss(wrt), through the pack's gradient pass or (``reference``) the naive one."""
+    with env.sampling.grad_enabled(), naive_autograd() if reference else contextlib.nullcontext():
+        z = wrt.detach().clone().requires_grad_(True)
+        grad, = torch.autograd.grad(loss(z), z)
+    return grad
+
+
+def pnd_pass(env, model, terms, positive=None, step=0, reference=False):
+    """∇ of the P&D sampler's guidance loss at ``step`` (Σ weight·ℓ of its active terms, Eq. 9) w.r.t. the latent."""
+    prepared, sampler = pnd_prepared(env, model, terms)
+    store = sampler.extra_options["store"]
+    sigmas = schedule(model)
+
+    def probe(loop, x, _sigmas):
+        s = float(sigmas[step])
+
+        def loss(z):
+            # what sample_pick_and_draw's guidance_grad differentiates
+            with store.live() as live:
+                loop.denoise(z, sigmas[step], "positive")
+            return sum(t.weight * t.loss(s, live) for t in terms if t.active(s)).sum()
+        return x, differentiate(env, reference, loss, x)
+
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return env.sampling.run_loop(without_gradient_pass(env, prepared) if reference else prepared,
+                                     positive or encode(env, PROMPT), encode(env, ""), torch.zeros(1, 4, 16, 16),
+                                     sigmas[step:], probe, noise=noise, cfg=7.5)[1]
+
+
+def nti_pass(env, model, positive=None, reference=False):
+    """∇ w.r.t. the null embedding ∅ of null-text inversion's per-step loss ‖x_{t-1}(∅) − pivot‖² (Mokady et al.
+    Eq. 3; the CFG prediction at 7.5 against a fixed target), on NullTextInvert's fp32 worker."""
+    worker = env.sampling.gradient_model(model, torch.float32)
+    sigmas = schedule(model)[3:5]
+    target = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def probe(loop, x, _sigmas):
+        def loss(null):
+            cond = loop.denoise(x, sigmas[0], "positive")
+            uncond = loop.denoise(x, sigmas[0], "negative", context=null)
+            return ((uncond + 7.5 * (cond - uncond) - target) ** 2).mean()
+        return x, differentiate(env, reference, loss, loop.context("negative"))
+
+    with torch.inference_mode():
+        return env.sampling.run_loop(without_gradient_pass(env, worker) if reference else worker,
+                                     positive or encode(env, REF_PROMPT), encode(env, ""),
+                                     torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), sigmas,
+                                     probe, cfg=7.5)[1]
+
+
+def lora_pass(env, pack, model, reference=False):
+    """PALP's LoRA gradient (all factors, flattened) of a denoising loss on a fixed noisy latent."""
+    worker, adapters = lora_model(pack, model)
+    gen = torch.Generator().manual_seed(1)
+    latent, eps = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    factors = [p for a in adapters for p in (a.down, a.up)]
+
+    def fn(loop, x, sigmas):
+        with env.sampling.grad_enabled(), naive_autograd() if reference else contextlib.nullcontext():
+            grads = torch.autograd.grad(loop.denoise(x.clone() + 3.0 * eps, 3.0).square().mean(), factors)
+        return x, torch.cat([g.flatten() for g in grads])
+
+    with torch.inference_mode():
+        return env.sampling.run_loop(without_gradient_pass(env, worker) if reference else worker,
+                                     encode(env, "a photo of a dog"), encode(env, ""), latent,
+                                     torch.tensor([3.0, 0.0]), fn)[1]
+
+
+def assert_same_gradient(got, reference, what):
+    assert torch.isfinite(got).all() and reference.norm() > 0, what
+    assert cosine(got, reference) >= 0.9999, (what, cosine(got, reference))
+    assert got.norm().item() == pytest.approx(reference.norm().item(), rel=1e-3), what
+
+
+# --- 1. no gradient reaches the caller's weights; no copies where no gradient flows --------------------
+
+
+def weights_state(*modules):
+    return [(id(p), p.requires_grad) for m in modules for p in m.parameters()]
+
+
+def test_no_node_leaves_a_gradient_or_changes_requires_grad_on_the_callers_model_and_clip(env, pack, pnd_terms):
+    """PALPTrainer (LoRA + token backward), NullTextInvert (null-text) and a P&D guided sampling, in turn."""
+    import comfy.sample
+    model, clip = env.model, env.clip
+    before = weights_state(model.model, clip.cond_stage_model)
+    images = env.tiny.smooth_images(torch.Generator().manual_seed(3), 2, 64, 64).movedim(1, -1)
+    with torch.inference_mode():
+        env.palp.PALPTrainer.execute(
+            model, clip, env.vae, images, placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
+            target_prompt="a sketch of a dog", steps=2, learning_rate=1e-2, batch_size=1, gradient_accumulation=1, rank=4,
+            alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True, rescale=True, timestep_min=0.0, timestep_max=1.0,
+            resolution=64, precision="fp32", gradient_checkpointing=False, seed=0, save_name="gradient_paths",
+            overwrite=True, resume=False, checkpoint_every=0)
+        env.inversion.NullTextInvert.execute(model, clip, REF_PROMPT, "null-text", 3, "ddim_uniform", 7.5, 2, 1e-2, 1e-5,
+                                             "", latent={"samples": torch.randn(1, 4, 16, 16)})
+        prepared, sampler = pnd_prepared(env, model, pnd_terms)
+        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model), encode(env, PROMPT), encode(env, ""),
+                                   torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+    with_grad = [n for n, p in [*model.model.named_parameters(), *clip.cond_stage_model.named_parameters()]
+                 if p.grad is not None]
+    assert not with_grad, f"{len(with_grad)} base weights hold a .grad, e.g. {with_grad[:3]}"
+    assert weights_state(model.model, clip.cond_stage_model) == before
+
+
+def test_passes_without_gradient_are_the_models_own_bit_for_bit(env):
+    """A gradient_model clone adds no weight wrapper: its no-grad passes are the loaded model's, exactly."""
+    import comfy.sample
+    prepared = env.sampling.gradient_model(env.model)
+    assert not prepared.weight_wrapper_patches
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = [comfy.sample.sample(m, noise, 4, 7.5, "euler", "normal", encode(env, PROMPT), encode(env, ""),
+                                   torch.zeros(1, 4, 16, 16), disable_pbar=True) for m in (env.model, prepared)]
+    assert torch.equal(out[0], out[1])
+
+
+# --- 2. half precision: the same direction as fp32 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pnd_guidance_gradient_in_half_precision_points_where_fp32_does(env, pnd_terms, dtype):
+    """Both terms (layout at step 0, appearance at step 2) at weight 1e-3: a weight the normalised step makes
+    legitimate, and per-element gradients of the size issue 9 measured on SD1.5 (~1e-6), subnormal in fp16."""
+    import dataclasses
+    light = [dataclasses.replace(t, weight=1e-3) for t in pnd_terms]
+    for step in (0, 2):
+        assert_direction(lambda m: pnd_pass(env, m or env.model, light, step=step), getattr(torch, dtype),
+                         f"P&D step {step}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pnd_guided_image_in_half_precision_moves_as_in_fp32(env, pnd_terms, dtype):
+    """What guidance changes in the sampled latent (guided − plain Euler, each on its own model) against fp32
+    on the same weights: cosine ≥ 0.99 and norm within 5% (fp16: 0.999 and 1%; its sampling passes are fp16)."""
+    import comfy.sample
+    import comfy.samplers
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def displacement(model):
+        prepared, sampler = pnd_prepared(env, model, pnd_terms)
+        with torch.inference_mode():
+            run = [comfy.sample.sample_custom(prepared, noise, 7.5, s, schedule(model), encode(env, PROMPT),
+                                              encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+                   for s in (sampler, comfy.samplers.sampler_object("euler"))]
+        return (run[0] - run[1]).float()
+
+    dtype = getattr(torch, dtype)
+    reference, moved = displacement(rounded(dtype)), displacement(half(dtype))
+    print(f"\n{dtype}: guided displacement vs fp32 on the same weights: cosine {cosine(moved, reference):.5f}, "
+          f"norm ratio {moved.norm() / reference.norm():.4f}; vs the fp32 model: "
+          f"cosine {cosine(moved, displacement(env.model)):.5f}")
+    tight = dtype == torch.float16
+    assert cosine(moved, reference) >= (0.999 if tight else 0.99)
+    assert moved.norm() == pytest.approx(reference.norm().item(), rel=0.01 if tight else 0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_null_text_inversion_in_half_precision_matches_fp32(env, dtype):
+    """The null-embedding gradient (``assert_direction``) and NullTextInvert's result: the learned change of ∅
+    (cosine ≥ 0.99) and the reconstruction (within 1% of the latent's norm) against fp32 on the same weights,
+    and for fp16 against the fp32 model too."""
+    model = half(getattr(torch, dtype))
+    assert_direction(lambda m: nti_pass(env, m or env.model), getattr(torch, dtype), "NTI")
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))}
+
+    def invert(m):
+        with torch.inference_mode():
+            inv, rec = env.inversion.NullTextInvert.execute(m, env.clip, REF_PROMPT, "null-text", 4, "ddim_uniform", 7.5,
+                                                            3, 1e-2, 1e-5, "", latent=latent).args[:2]
+        return inv.null_embeddings - inv.uncond, rec["samples"]
+
+    references = [rounded(getattr(torch, dtype))] + ([env.model] if dtype == "float16" else [])
+    learned, rec = invert(model)
+    for reference in references:
+        learned_ref, rec_ref = invert(reference)
+        assert cosine(learned, learned_ref) >= 0.99
+        assert (rec - rec_ref).norm() <= 0.01 * rec_ref.norm()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_palp_lora_gradient_in_half_precision_points_where_fp32_does(env, pack, dtype):
+    assert_direction(lambda m: lora_pass(env, pack, m or env.model), getattr(torch, dtype), "LoRA")
+
+
+# --- 3. attention kernels without a backward --------------------------------------------------------------
+
+
+def no_backward_kernel(kind):
+    """An attention kernel as a backward-less one behaves: values right, graph cut (``detached``) or a backward
+    that raises (``raises``), as flash attention's custom op, SageAttention or xformers without a backward."""
+    import comfy.ldm.modules.attention as attention
+    pytorch = attention.attention_pytorch.__wrapped__
+
+    class Forward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, heads):
+            return pytorch(q, k, v, heads)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("this kernel has no backward")
+
+    @attention.wrap_attn
+    def kernel(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        if kind == "detached":
+            with torch.no_grad():
+                return pytorch(q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+                               skip_output_reshape=skip_output_reshape)
+        return Forward.apply(q, k, v, heads)
+    return kernel
+
+
+@contextlib.contextmanager
+def selected_attention(kernel):
+    """The host's selected attention (``optimized_attention``, read by every CrossAttention at call time)."""
+    import comfy.ldm.modules.attention as attention
+    saved = attention.optimized_attention
+    attention.optimized_attention = kernel
+    try:
+        yield
+    finally:
+        attention.optimized_attention = saved
+
+
+@pytest.mark.parametrize("kind", ["detached", "raises"])
+def test_gradient_passes_use_an_attention_with_a_backward(env, pack, pnd_terms, kind):
+    """P&D, NTI and LoRA gradients with a backward-less kernel selected equal those with the host's own."""
+    reference = pnd_pass(env, env.model, pnd_terms), nti_pass(env, env.model), lora_pass(env, pack, env.model)
+    with selected_attention(no_backward_kernel(kind)):
+        got = pnd_pass(env, env.model, pnd_terms), nti_pass(env, env.model), lora_pass(env, pack, env.model)
+    for name, a, b in zip(("P&D", "NTI", "LoRA"), got, reference):
+        assert cosine(a, b) >= 0.9999 and a.norm() == pytest.approx(b.norm().item(), rel=1e-3), name
+
+
+def test_an_override_that_cuts_the_gradient_is_refused_by_name(env, pnd_terms):
+    """Another pack's attention override forcing a backward-less kernel: refused with the host flag to use."""
+    kernel = no_backward_kernel("detached")
+    model = env.model.clone()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
+        lambda func, *args, **kwargs: kernel.__wrapped__(*args, **kwargs)
+    with pytest.raises(ValueError, match="--use-pytorch-cross-attention"):
+        pnd_pass(env, model, pnd_terms)
+
+
+def test_a_patch_that_cuts_the_gradient_is_refused(env, pnd_terms):
+    """Another pack's patch returning a detached tensor (here an attn1 output patch) would silently drop that
+    path from the gradient: refused."""
+    model = env.model.clone()
+    model.set_model_attn1_output_patch(lambda out, extra_options: out.detach())
+    with pytest.raises(ValueError, match="returned no gradient"):
+        pnd_pass(env, model, pnd_terms)
+
+
+# --- 4. other packs' patches in the chain -------------------------------------------------------------------
+
+
+def freeu_v2(env, model):
+    from comfy_extras.nodes_freelunch import FreeU_V2
+    return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+
+
+def sag(env, model):
+    from comfy_extras.nodes_sag import SelfAttentionGuidance
+    return SelfAttentionGuidance.execute(model, 0.5, 2.0).args[0]
+
+
+def pag(env, model):
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    return PerturbedAttentionGuidance.execute(model, 3.0).args[0]
+
+
+def host_lora(env, model):
+    """A LoRA on every attention projection, loaded as LoraLoader does (``comfy.sd.load_lora_for_models``)."""
+    import comfy.sd
+    gen = torch.Generator().manual_seed(11)
+    lora = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v")):
+            out_f, in_f = module.weight.shape
+            lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, in_f, generator=gen) * 0.3
+            lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 2, generator=gen) * 0.3
+    with torch.inference_mode():
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    assert len(patched.patches) == len(lora) // 2
+    return patched
+
+
+def ip_adapter_like(env, model):
+    """An IPAdapter-style attn2 *replace* on every cross-attention layer: image tokens through the pack's own
+    projections (inference tensors, as weights loaded by a node), masked by an inference-tensor mask and added
+    to the text attention in place, as IPAdapter implementations do."""
+    import comfy.ldm.modules.attention as attention
+    gen = torch.Generator().manual_seed(12)
+    patched = model.clone()
+    shapes = {tuple(m.to_k.weight.shape) for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2")}
+    with torch.inference_mode():
+        tokens = torch.randn(1, 4, 64, generator=gen)
+        weights = {shape: (torch.randn(shape, generator=gen) / 8, torch.randn(shape, generator=gen) / 8)
+                   for shape in sorted(shapes)}
+        scale = torch.tensor(0.5)
+
+    def patch(q, k, v, extra_options):
+        out = attention.optimized_attention(q, k, v, extra_options["n_heads"], transformer_options=extra_options)
+        w_k, w_v = weights[(q.shape[-1], tokens.shape[-1])]
+        ip_k = torch.nn.functional.linear(tokens, w_k).expand(q.shape[0], -1, -1)
+        ip_v = torch.nn.functional.linear(tokens, w_v).expand(q.shape[0], -1, -1)
+        out += attention.optimized_attention(q, ip_k, ip_v, extra_options["n_heads"]) * scale
+        return out
+
+    for layer in env.host_nodes.unet_layers(model):
+        if layer.kind == "cross":
+            patched.set_model_attn2_replace(patch, *layer.key)
+    return patched
+
+
+def tiny_controlnet(model):
+    """A ControlNet of the tiny UNet's shape (the host's own cldm class, random zero-convs so it acts)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    import tiny_models
+    config = dict(model.model.model_config.unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.inference_mode():
+        control_model = comfy.cldm.cldm.ControlNet(**config)
+        tiny_models.init_weights(control_model, torch.Generator().manual_seed(13))
+    return comfy.controlnet.ControlNet(control_model, load_device=model.load_device)
+
+
+def with_controlnet(env, text):
+    """``text`` encoded, with the tiny ControlNet applied by the host's ControlNetApplyAdvanced."""
+    from nodes import ControlNetApplyAdvanced
+    hint = env.tiny.smooth_images(torch.Generator().manual_seed(14), 1, 128, 128).movedim(1, -1)
+    with torch.inference_mode():
+        return ControlNetApplyAdvanced().apply_controlnet(encode(env, text), encode(env, ""), tiny_controlnet(env.model),
+                                                          hint, 1.0, 0.0, 1.0)[0]
+
+
+PATCHES = {"FreeU_V2": freeu_v2, "SAG": sag, "PAG": pag, "LoRA": host_lora, "IPAdapter-style attn2": ip_adapter_like}
+
+
+@pytest.mark.parametrize("name", [*PATCHES, "ControlNet"])
+def test_gradient_passes_are_right_with_other_packs_patches_in_the_chain(env, pack, pnd_terms, name):
+    """P&D's, NTI's and PALP's gradients through the patched model equal the naive reference's, and the patch
+    changes what they see."""
+    model, pnd_positive, nti_positive = env.model, None, None
+    if name == "ControlNet":
+        pnd_positive, nti_positive = with_controlnet(env, PROMPT), with_controlnet(env, REF_PROMPT)
+    else:
+        with torch.inference_mode():
+            model = PATCHES[name](env, env.model)
+    pnd = pnd_pass(env, model, pnd_terms, positive=pnd_positive)
+    assert_same_gradient(pnd, pnd_pass(env, model, pnd_terms, positive=pnd_positive, reference=True), f"P&D, {name}")
+    nti = nti_pass(env, model, positive=nti_positive)
+    assert_same_gradient(nti, nti_pass(env, model, positive=nti_positive, reference=True), f"NTI, {name}")
+    if name != "ControlNet":    # a ControlNet lives in the conds, which PALP makes itself
+        assert_same_gradient(lora_pass(env, pack, model), lora_pass(env, pack, model, reference=True), f"LoRA, {name}")
+    if name not in ("SAG", "PAG"):    # they change the unconditional pass and their own extra passes only
+        assert not torch.allclose(pnd, pnd_pass(env, env.model, pnd_terms)), "the patch must act on the pass"
+
+
+def test_palp_trains_through_every_patch_at_once(env, pack):
+    """PALPTrainer on a model carrying FreeU_V2, SAG, PAG, a host LoRA and an IPAdapter-style replace."""
+    model = env.model
+    with torch.inference_mode():
+        for make in PATCHES.values():
+            model = make(env, model)
+    images = env.tiny.smooth_images(torch.Generator().manual_seed(3), 2, 64, 64).movedim(1, -1)
+    with torch.inference_mode():
+        out, _, _ = env.palp.PALPTrainer.execute(
+            model, env.clip, env.vae, images, placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
+            target_prompt="a sketch of a dog", steps=2, learning_rate=1e-2, batch_size=1, gradient_accumulation=1, rank=4,
+            alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True, rescale=True, timestep_min=0.0, timestep_max=1.0,
+            resolution=64, precision="fp32", gradient_checkpointing=True, seed=0, save_name="gradient_paths_patched",
+            overwrite=True, resume=False, checkpoint_every=0).args
+    trained = [a for fs in out.weight_wrapper_patches.values() for a in fs]
+    assert trained and all(torch.isfinite(a.up).all() for a in trained)
+    assert any(a.up.abs().max() > 0 for a in trained), "two Adam steps must move the LoRA's up factors off zero"
+
