@@ -263,8 +263,9 @@ def _denoiser(loop):
 def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
     """``run_loop``'s function: inversion, then the reconstruction at ``cfg`` (methods.md §1.1).
 
-    Plain DDIM mode's reconstruction is a whole CFG sampling run; without ``reconstruct`` it is skipped
-    (the "reconstruction" is then the input itself and the error NaN).
+    Plain DDIM mode's reconstruction is a whole CFG sampling run (DDIM steps on the host's CFG prediction,
+    one batch-2 UNet call per step); without ``reconstruct`` it is skipped (the "reconstruction" is then
+    the input itself and the error NaN).
     """
     def fn(loop, x, sigmas):
         n = len(sigmas) - 1
@@ -281,8 +282,9 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
                 latent, nulls, losses = nti.latent, nti.null_embeddings, nti.losses
             elif reconstruct:
                 nulls = losses = None
-                latent = replay(denoise, trajectory[0], sigmas, POSITIVE, uncond.expand(n, *uncond.shape), cfg,
-                                on_step=lambda done, _: bar(n + done))[-1]
+                # the host's own CFG prediction at the guider's ``cfg``: both branches in one batched UNet call
+                latent = replay(lambda z, sigma, _: loop.cfg_denoise(z, sigma), trajectory[0], sigmas, None, None,
+                                cfg, on_step=lambda done, _: bar(n + done))[-1]
             else:
                 nulls = losses = None
                 latent = trajectory[-1]
@@ -330,11 +332,12 @@ class NullTextInvert(io.ComfyNode):
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Adam iterations per step for the null embedding (paper: 10). Null-text mode only."),
                 io.Float.Input("lr", default=1e-2, min=0.0, max=10.0, step=1e-3, round=False,
-                               tooltip="Adam learning rate of the null embedding, decaying linearly to half by the "
-                                       "last step (paper and reference code: 1e-2). Null-text mode only."),
+                               tooltip="Adam learning rate of the null embedding at the first step; step i uses "
+                                       "lr·(1 − i/100), as the reference code (paper and reference: 1e-2). "
+                                       "Null-text mode only."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
-                               tooltip="A step stops optimising once its loss is below this (+ a per-step increase, "
-                                       "as the reference code; paper: 1e-5). Null-text mode only."),
+                               tooltip="Step i stops optimising once its loss is below this + i·2e-5, as the "
+                                       "reference code (paper: 1e-5). Null-text mode only."),
                 io.String.Input("save_name", default="",
                                 tooltip="File name to save the inversion as, in output/inversions/ (load it with "
                                         "Load Inversion); empty: don't save. An existing file is replaced."),
