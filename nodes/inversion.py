@@ -382,9 +382,13 @@ class NullTextInvert(io.ComfyNode):
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
-        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16), and fresh
-        # weight copies so the null embedding's gradient can pass through the UNet
-        worker = fresh_weights(model, torch.float32)
+        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); null-text mode
+        # also needs weights the null embedding's gradient can pass through, ddim mode (no gradient) not
+        if mode == NULL_TEXT:
+            worker = fresh_weights(model, torch.float32)
+        else:
+            worker = model.clone()
+            worker.set_model_compute_dtype(torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,
             _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct), cfg=cfg)
