@@ -35,6 +35,10 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
+    ap.add_argument("--windows", nargs="+", choices=["layout", "appearance"], default=["layout", "appearance"],
+                    help="whose first step the memory figure measures")
+    ap.add_argument("--no-memory-warmup", dest="memory_warmup", action="store_false",
+                    help="measure each step's first run (saves time at SD1.5 size on a CPU)")
     args = ap.parse_args()
     load(args.device)
     cpu_threads(args.device, args.threads)
@@ -109,12 +113,15 @@ def main():
             prepared, sampler = prepare(inversion)
         peaks = {}
         sampling = model.get_model_object("model_sampling")
-        for window, (start, _) in (("layout", LAYOUT_WINDOW), ("appearance", APPEARANCE_WINDOW)):
+        windows = {"layout": LAYOUT_WINDOW, "appearance": APPEARANCE_WINDOW}
+        for window in args.windows:
+            start = windows[window][0]
             # the window's first step: σ ≤ the window start's, as the nodes place their windows
             k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(start))
             step = sigmas[k:k + 2]
             for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
-                run()                                              # loads the model: not part of a step
+                if args.memory_warmup:
+                    run()                                          # loads the model: not part of a step
                 with torch.inference_mode(), PeakMemory(args.device) as meter:
                     run()
                 peaks[window, name] = meter.peak

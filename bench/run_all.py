@@ -39,7 +39,8 @@ def jobs(args) -> list[tuple[str, list[str]]]:
         ("nti", ["bench_nti.py", *dev, "--steps", "10", "20", *rep(2)]),
         ("pnd", ["bench_pnd.py", *dev, "--steps", "50", *rep(3)]),
         ("lnr", ["bench_lnr.py", *dev, "--steps", "50", *rep(3)]),
-        ("palp", ["bench_palp.py", *dev, *rep(3)]),
+        ("palp", ["bench_palp.py", *dev, "--measure", "time", *rep(3)]),                     # 64 px
+        ("palp", ["bench_palp.py", *dev, "--measure", "memory", "--res", "256"]),            # deterministic
     ]
     if not args.sd15:
         return tiny
@@ -50,8 +51,9 @@ def jobs(args) -> list[tuple[str, list[str]]]:
         ("capture", ["bench_capture.py", *dev, "--size", "sd15", "--steps", "20" if gpu else "4", "--res", res,
                      "--threads", str(os.cpu_count()), *rep(3)]),
         ("pnd", ["bench_pnd.py", *dev, "--size", "sd15", "--steps", "50" if gpu else "10", "--res", res,
-                 "--threads", str(os.cpu_count()), *(["--measure", "time", "memory"] if gpu else ["--measure", "memory"]),
-                 *rep(3 if gpu else 1)]),
+                 "--threads", str(os.cpu_count()), *rep(3 if gpu else 1),
+                 # CPU: ~9 min on 2 busy cores for the memory of one appearance step (no warm-up: the same counts)
+                 *([] if gpu else ["--measure", "memory", "--windows", "appearance", "--no-memory-warmup"])]),
         ("palp", ["bench_palp.py", *dev, "--size", "sd15", "--res", res,
                   *(["--measure", "time", "memory"] if gpu else ["--measure", "memory"]), *rep(3 if gpu else 1)]),
     ]
