@@ -8,22 +8,14 @@ interleaved; each ratio pairs one run of each.
 """
 from __future__ import annotations
 
-import argparse
-
-from common import clock, cpu_threads, emit, load, min_median, models, ratio_stats, synchronized, timed
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap = parser(repeats=5, res=None)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--res", type=int, default=None, help="image side in pixels (default 128 tiny, 512 sd15)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = ap.parse_args()
-    load(args.device)
-    cpu_threads(args.device, args.threads)
+    start(args)
 
     import torch
     import comfy.sample

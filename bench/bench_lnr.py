@@ -11,22 +11,14 @@ inverted latents). Time: this process's CPU time on one thread on the CPU (wall 
 """
 from __future__ import annotations
 
-import argparse
-
-from common import clock, cpu_threads, emit, load, min_median, models, ratio_stats, synchronized, timed
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--res", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = ap.parse_args()
-    load(args.device)
-    cpu_threads(args.device, args.threads)
+    start(args)
 
     import torch
     import nodes

@@ -23,10 +23,9 @@ of each. Both start from the encoded latent (the VAE is not timed).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
-from common import clock, cpu_threads, emit, load, min_median, models, ratio_stats, synchronized, timed
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 PROMPT = "a photo of a dog"
 GUIDANCE = 7.5
@@ -129,17 +128,11 @@ def psnr(a, b) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--res", type=int, default=128, help="image side in pixels")
     ap.add_argument("--inner", type=int, default=10, help="inner Adam iterations per step")
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     args = ap.parse_args()
-    load(args.device)
-    cpu_threads(args.device, args.threads)
+    start(args)
 
     import torch
     import comfy.model_management

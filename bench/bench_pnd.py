@@ -18,30 +18,22 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
 """
 from __future__ import annotations
 
-import argparse
-
-from common import clock, cpu_threads, emit, load, min_median, models, ratio_stats, synchronized, timed
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 PROMPT, TEMPLATE = "a photo of a sks dog in the water", "a photo of a dog in the water"
 LAYOUT_WINDOW, APPEARANCE_WINDOW = (0.0, 0.2), (0.2, 0.4)    # percent of the schedule (Fig. 8's steps [0,10), [10,20))
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--res", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
     ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
     ap.add_argument("--windows", nargs="+", choices=["layout", "appearance"], default=["layout", "appearance"],
                     help="whose first step the memory figure measures")
     ap.add_argument("--no-memory-warmup", dest="memory_warmup", action="store_false",
                     help="measure each step's first run (saves time at SD1.5 size on a CPU)")
     args = ap.parse_args()
-    load(args.device)
-    cpu_threads(args.device, args.threads)
+    start(args)
 
     import torch
     import comfy.sample
@@ -115,9 +107,8 @@ def main():
         sampling = model.get_model_object("model_sampling")
         windows = {"layout": LAYOUT_WINDOW, "appearance": APPEARANCE_WINDOW}
         for window in args.windows:
-            start = windows[window][0]
             # the window's first step: σ ≤ the window start's, as the nodes place their windows
-            k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(start))
+            k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(windows[window][0]))
             step = sigmas[k:k + 2]
             for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
                 if args.memory_warmup:

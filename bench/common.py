@@ -1,6 +1,7 @@
 """Shared set-up of the benchmarks: the real host in-process, this pack, and the models to time."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import statistics
@@ -55,6 +56,23 @@ def synchronized(device: str):
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median wall seconds of each callable, run in turn (A B A B …) so drift hits all alike."""
     return {name: statistics.median(t) for name, t in timed(fns, repeats, time.perf_counter).items()}
+
+
+def parser(repeats: int, res: int | None = 128) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``res`` None: the script picks a default per size."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--res", type=int, default=res, help="image side in pixels")
+    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    return ap
+
+
+def start(args) -> None:
+    """Load the host and this pack, and set the CPU threads."""
+    load(args.device)
+    cpu_threads(args.device, args.threads)
 
 
 def cpu_threads(device: str, threads: int) -> None:
