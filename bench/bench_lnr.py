@@ -2,27 +2,23 @@
 each as a ratio to one plain sampling run of the same steps and CFG.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_lnr.py [--size tiny|sd15] [--device cpu|cuda]
-        [--steps 50] [--res 128]
+        [--steps 50] [--res 128] [--repeats 3]
 
-Goal (issue 4): whole pipeline ≤ 5× plain (the paper's ≈ 30 s / 18 GiB on a 3090 is ≈ 8–10× plain).
+Goal (issue 11): whole pipeline ≤ 4.5× plain (the paper's ≈ 30 s / 18 GiB on a 3090 is ≈ 8–10× plain).
+Both inversions are NullTextInvert's ``ddim`` mode without the reconstruction (L&R needs only the
+inverted latents). Time: this process's CPU time on one thread on the CPU (wall time on a GPU or with
+``--threads`` > 1), the variants interleaved; each ratio pairs one run with the plain run beside it.
 """
 from __future__ import annotations
 
-import argparse
-import resource
-
-from common import interleaved, load, models, synchronized
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--res", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
-    load(args.device)
+    start(args)
 
     import torch
     import nodes
@@ -65,13 +61,20 @@ def main():
                                                   "ddim", "ddim_uniform", 5).args[0]
             stage2(ddim_inversion(reference), ddim_inversion(layout))
 
-    plain(), stage2_only()                                # warm-up
-    t = interleaved({"plain": plain, "stage2": stage2_only, "pipeline": pipeline}, args.repeats)
+    fns = {"plain": plain, "stage2": stage2_only, "pipeline": pipeline}
+    for fn in fns.values():
+        fn()                                                  # warm-up
+    t = timed(fns, args.repeats, clock(args.device, args.threads))
     print(f"{args.size} SD1, {args.device}, res={args.res}px steps={args.steps} cfg=7.5")
-    print(f"plain {t['plain']:.3f} s   stage 2 {t['stage2']:.3f} s ({t['stage2'] / t['plain']:.2f}x)   whole pipeline "
-          f"{t['pipeline']:.3f} s ({t['pipeline'] / t['plain']:.2f}x, goal <= 5x)")
-    print(f"peak process memory (whole run): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-
+    rows = []
+    for name, label, goal in (("pipeline", "L&R whole pipeline (stage 1 + both DDIM inversions + stage 2) / plain "
+                                           "sampling", "<= 4.5"),
+                              ("stage2", "L&R stage 2 alone / plain sampling", "")):
+        lo, med = ratio_stats(t, name, "plain")
+        print(f"{name:9s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio min/median "
+              f"{lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
+        rows.append({"what": label, "values": [lo, med], "goal": goal})
+    emit(f"lnr {args.size} {args.device}", rows)
 
 if __name__ == "__main__":
     main()

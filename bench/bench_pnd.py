@@ -1,32 +1,39 @@
-"""Pick-and-Draw cost: guided sampling (template + palette + guidance; NTI excluded) and null-text inversion,
-each as a ratio to one plain sampling run of the same steps and CFG.
+"""Pick-and-Draw cost: end to end (DDIM inversion of the reference + template + palette + guided sampling)
+and guided sampling alone (a ready inversion), each as a ratio to one plain sampling run of the same
+steps and CFG; and the peak memory of one guided step against one plain CFG step.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_pnd.py [--size tiny|sd15] [--device cpu|cuda]
-        [--steps 50] [--res 128] [--measure guided nti]
+        [--steps 50] [--res 128] [--repeats 3] [--measure time memory]
 
-Goals (issue 3): guided ≤ 2.2× plain (the pass count puts the floor near 1.9×), NTI ≤ 10× plain.
-``--size sd15`` is an SD1.5-size random-weight UNet and CLIP-L (``tiny_models.sd15_sized``), fp16 on a GPU.
+Goals (issue 11): end to end, inversion included, ≤ 2.2× plain; peak memory of a guided step ≤ 1.5×
+a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
+- The palette needs only the DDIM pivots (methods.md §1.3), so the inversion is NullTextInvert's
+  ``ddim`` mode without its reconstruction; null-text inversion is ``bench_nti.py``'s.
+- Time: this process's CPU time on one thread on the CPU (wall time on a GPU or with ``--threads`` > 1),
+  the variants interleaved; each ratio pairs one run of a variant with the plain run beside it.
+- Memory: the peak bytes one sampler step allocates above what exists when it starts (weights,
+  palette, template), the CUDA allocator's peak on a GPU, storages counted on the CPU
+  (``tests/host/memory.py``): the first step of the layout window and the first of the appearance
+  window (one gradient pass each), against the same step sampled plainly with CFG.
 """
 from __future__ import annotations
 
-import argparse
-import resource
-import time
+from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
 
-from common import interleaved, load, models, synchronized
+PROMPT, TEMPLATE = "a photo of a sks dog in the water", "a photo of a dog in the water"
+LAYOUT_WINDOW, APPEARANCE_WINDOW = (0.0, 0.2), (0.2, 0.4)    # percent of the schedule (Fig. 8's steps [0,10), [10,20))
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--res", type=int, default=128, help="image side in pixels")
-    ap.add_argument("--inner", type=int, default=10, help="null-text inner iterations")
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--measure", nargs="+", choices=["guided", "nti"], default=["guided", "nti"])
+    ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
+    ap.add_argument("--windows", nargs="+", choices=["layout", "appearance"], default=["layout", "appearance"],
+                    help="whose first step the memory figure measures")
+    ap.add_argument("--no-memory-warmup", dest="memory_warmup", action="store_false",
+                    help="measure each step's first run (saves time at SD1.5 size on a CPU)")
     args = ap.parse_args()
-    load(args.device)
+    start(args)
 
     import torch
     import comfy.sample
@@ -38,53 +45,84 @@ def main():
     model, clip, _ = models(args.size, args.device)
     side = args.res // 8
     encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    prompt, template = "a photo of a sks dog in the water", "a photo of a dog in the water"
-    pos, neg, tpos = encode(prompt), encode(""), encode(template)
+    pos, neg, tpos = encode(PROMPT), encode(""), encode(TEMPLATE)
     latent = torch.zeros(1, 4, side, side)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", args.steps)
     noise = Noise_RandomNoise(0)
     reference = latent + torch.randn(latent.shape, generator=torch.Generator().manual_seed(1)) * 0.5
+    euler = comfy.samplers.sampler_object("euler")
+
+    def sample(m, sampler, schedule):
+        return comfy.sample.sample_custom(m, noise.generate_noise({"samples": latent}), 7.5, sampler, schedule, pos,
+                                          neg, latent, disable_pbar=True)
+
+    def invert():
+        return inv.NullTextInvert.execute(model, clip, "a photo of a sks dog", "ddim", args.steps, "ddim_uniform", 7.5,
+                                          10, 1e-2, 1e-5, "", latent={"samples": reference}, reconstruct=False).args[0]
+
+    def prepare(inversion, schedule=sigmas):
+        appearance = pnd.UREMDGuidance.execute(model, inversion, clip, "sks dog", 0.5, "auto", *APPEARANCE_WINDOW,
+                                               1.0).args[0]
+        layout = pnd.LayoutGuidance.execute(model, clip, TEMPLATE, "dog", tpos, neg, 7.5, noise, schedule,
+                                            {"samples": latent}, "cross", *LAYOUT_WINDOW, 1.0, 3, 0.5).args[0]
+        return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout).args
+
+    with torch.inference_mode():
+        inversion = invert()
 
     @synchronized(args.device)
     def plain():
         with torch.inference_mode():
-            comfy.sample.sample_custom(model, noise.generate_noise({"samples": latent}), 7.5,
-                                       comfy.samplers.sampler_object("euler"), sigmas, pos, neg, latent, disable_pbar=True)
-
-    @synchronized(args.device)
-    def invert(mode):
-        with torch.inference_mode():
-            return inv.NullTextInvert.execute(model, clip, "a photo of a sks dog", mode, args.steps, "ddim_uniform", 7.5,
-                                              args.inner, 1e-2, 1e-5, "", latent={"samples": reference}).args[0]
-
-    inversion = invert("ddim")
+            sample(model, euler, sigmas)
 
     @synchronized(args.device)
     def guided():
         with torch.inference_mode():
-            appearance = pnd.UREMDGuidance.execute(model, inversion, clip, "sks dog", 0.5, "auto", 0.2, 0.4, 1.0).args[0]
-            layout = pnd.LayoutGuidance.execute(model, clip, template, "dog", tpos, neg, 7.5, noise, sigmas,
-                                                {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
-            prepared, sampler = pnd.PickAndDrawSampler.execute(model, clip, prompt, "dog", 0.1, True, appearance,
-                                                               layout).args
-            comfy.sample.sample_custom(prepared, noise.generate_noise({"samples": latent}), 7.5, sampler, sigmas, pos,
-                                       neg, latent, disable_pbar=True)
+            sample(*prepare(inversion), sigmas)
 
-    variants = {"plain": plain, "guided": guided} if "guided" in args.measure else {"plain": plain}
-    for warm_up in variants.values():
-        warm_up()
-    t = interleaved(variants, args.repeats)
+    @synchronized(args.device)
+    def end_to_end():
+        with torch.inference_mode():
+            sample(*prepare(invert()), sigmas)
+
+    rows = []
     print(f"{args.size} SD1, {args.device}, res={side * 8}px steps={args.steps} cfg=7.5")
-    if "guided" in args.measure:
-        print(f"plain  {t['plain']:.3f} s   P&D guided {t['guided']:.3f} s   ratio {t['guided'] / t['plain']:.2f}x "
-              "(goal <= 2.2x)")
-    if "nti" in args.measure:
-        start = time.perf_counter()
-        invert("null-text")
-        t_nti = time.perf_counter() - start
-        print(f"null-text inversion ({args.inner} inner steps) {t_nti:.3f} s   ratio {t_nti / t['plain']:.2f}x "
-              "(goal <= 10x; 0 when a saved inversion is reused)")
-    print(f"peak process memory (whole run): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    if "time" in args.measure:
+        fns = {"plain": plain, "guided": guided, "end to end": end_to_end}
+        for fn in fns.values():
+            fn()                                                   # warm-up
+        t = timed(fns, args.repeats, clock(args.device, args.threads))
+        for name, goal in (("end to end", "<= 2.2"), ("guided", "")):
+            lo, med = ratio_stats(t, name, "plain")
+            print(f"P&D {name:10s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
+                  f"min/median {lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
+            label = "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain sampling" \
+                if name == "end to end" else "P&D guided sampling, inversion excluded / plain sampling"
+            rows.append({"what": label, "values": [lo, med], "goal": goal})
+    if "memory" in args.measure:
+        from memory import PeakMemory                              # tests/host (on the path: common.load)
+        with torch.inference_mode():
+            prepared, sampler = prepare(inversion)
+        peaks = {}
+        sampling = model.get_model_object("model_sampling")
+        windows = {"layout": LAYOUT_WINDOW, "appearance": APPEARANCE_WINDOW}
+        for window in args.windows:
+            # the window's first step: σ ≤ the window start's, as the nodes place their windows
+            k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(windows[window][0]))
+            step = sigmas[k:k + 2]
+            for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
+                if args.memory_warmup:
+                    run()                                          # loads the model: not part of a step
+                with torch.inference_mode(), PeakMemory(args.device) as meter:
+                    run()
+                peaks[window, name] = meter.peak
+            ratio = peaks[window, "guided"] / peaks[window, "plain"]
+            print(f"peak memory of step {k} ({window} window): plain CFG {peaks[window, 'plain'] / 2**20:.1f} MiB, "
+                  f"P&D guided {peaks[window, 'guided'] / 2**20:.1f} MiB, ratio {ratio:.2f}x (goal <= 1.5x)")
+            rows.append({"what": f"P&D peak memory of one guided step ({window} window) / plain CFG step, "
+                                 f"{args.res}px", "values": [ratio], "goal": "<= 1.5",
+                         "note": f"{peaks[window, 'guided'] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
+    emit(f"pnd {args.size} {args.device}", rows)
 
 
 if __name__ == "__main__":

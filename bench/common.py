@@ -1,6 +1,7 @@
 """Shared set-up of the benchmarks: the real host in-process, this pack, and the models to time."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import pathlib
 import statistics
@@ -54,10 +55,65 @@ def synchronized(device: str):
 
 def interleaved(fns: dict, repeats: int) -> dict:
     """Median wall seconds of each callable, run in turn (A B A B …) so drift hits all alike."""
+    return {name: statistics.median(t) for name, t in timed(fns, repeats, time.perf_counter).items()}
+
+
+def parser(repeats: int, res: int | None = 128) -> argparse.ArgumentParser:
+    """The options every benchmark shares; ``res`` None: the script picks a default per size."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--res", type=int, default=res, help="image side in pixels")
+    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    return ap
+
+
+def start(args) -> None:
+    """Load the host and this pack, and set the CPU threads."""
+    load(args.device)
+    cpu_threads(args.device, args.threads)
+
+
+def cpu_threads(device: str, threads: int) -> None:
+    """On the CPU, compute with ``threads`` threads (1 by default: OpenMP spin-waiting beside other processes
+    distorts timings, and process CPU time then measures the work alone)."""
+    if device == "cpu":
+        import torch
+        torch.set_num_threads(threads)
+
+
+def clock(device: str, threads: int = 1):
+    """The clock a benchmark reads: this process's CPU time on one CPU thread (what other processes on a
+    shared machine do not inflate), wall time otherwise (a GPU's work, or several threads' spinning)."""
+    return time.process_time if device == "cpu" and threads == 1 else time.perf_counter
+
+
+def timed(fns: dict, repeats: int, now=time.perf_counter) -> dict:
+    """Seconds of each callable per repeat (by the clock ``now``), run in turn (A B A B …) so drift hits all alike."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(now() - start)
+    return times
+
+
+def ratio_stats(times: dict, name: str, base: str) -> tuple[float, float]:
+    """(min, median) over repeats of ``times[name][k] / times[base][k]``: each ratio from one A B pair."""
+    ratios = [a / b for a, b in zip(times[name], times[base])]
+    return min(ratios), statistics.median(ratios)
+
+
+def min_median(values) -> tuple[float, float]:
+    return min(values), statistics.median(values)
+
+
+def emit(bench: str, rows: list[dict]) -> None:
+    """One machine-readable line for ``run_all.py``: each row a figure with its ``goal`` (text) and values."""
+    import json
+    print(RESULT_TAG + json.dumps({"bench": bench, "rows": rows}))
+
+
+RESULT_TAG = "BENCH-RESULT "

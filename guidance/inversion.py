@@ -84,15 +84,14 @@ def null_text_invert(denoise, trajectory, sigmas, cond, uncond_init, cfg=7.5, in
     computed once per step without gradient; gradient reaches nothing but ∅_t (``autograd.grad``, so
     no ``.grad`` accumulates on model weights).
 
-    Reference-code details kept, stated for any schedule length n so that n = 50 reproduces them:
-    the loss is the MSE in the VP latent z (σ-space MSE / (1+σ_next²)), which is what the reference's
-    thresholds are measured in; the learning rate decays as lr·(1 − i/(2n)) (reference: 1 − i/100);
-    a step stops early once its loss < early_stop + i·(50/n)·2e-5 (reference: i·2e-5), i = step index.
-    The Adam moments restart every step, as in the reference.
+    Reference-code details kept: the loss is the MSE in the VP latent z (σ-space MSE / (1+σ_next²)),
+    which is what the reference's thresholds are measured in; step i's learning rate and early-stop
+    threshold are the reference's literally, for any step count (:func:`nti_schedule`). The Adam
+    moments restart every step, as in the reference.
 
-    ``on_step`` is called after every inner iteration (total = n·inner_steps; an early stop jumps to
-    the step's end). Returns ``NullTextInversion``; ``replay`` with its embeddings reproduces
-    ``latent`` exactly.
+    ``on_step`` is called after every inner iteration (total = n·inner_steps; an early stop, or a step
+    with learning rate 0, jumps to the step's end). Returns ``NullTextInversion``; ``replay`` with its
+    embeddings reproduces ``latent`` exactly.
     """
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be ≥ 1, got {inner_steps}")
@@ -102,20 +101,37 @@ def null_text_invert(denoise, trajectory, sigmas, cond, uncond_init, cfg=7.5, in
     nulls, losses = [], []
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        target, vp_scale = _work(trajectory[i + 1]), 1 + sigma_next ** 2
         with torch.no_grad():
             cond_x0 = denoise(x, sigma, cond)
 
         def step_to(null_embedding):
             return ddim_step(x, cfg_combine(cond_x0, denoise(x, sigma, null_embedding), cfg), sigma, sigma_next)
 
-        null, loss = _optimise_null(step_to, _work(trajectory[i + 1]), 1 + sigma_next ** 2, null,
-                                    lr * (1 - i / (2 * n)), early_stop + 1e-3 * i / n, inner_steps,
-                                    on_step, i * inner_steps, n * inner_steps)
-        nulls.append(null)
-        losses.append(loss)
+        step_lr, threshold = nti_schedule(i, lr, early_stop)
+        if step_lr > 0:
+            null, loss = _optimise_null(step_to, target, vp_scale, null, step_lr, threshold, inner_steps,
+                                        on_step, i * inner_steps, n * inner_steps)
+        else:       # Adam with lr 0 leaves ∅ as it is: skip its passes, keep the loss it would report
+            loss = None
+            _report(on_step, (i + 1) * inner_steps, n * inner_steps)
         with torch.no_grad():
             x = step_to(null)
+            if loss is None:
+                loss = F.mse_loss(x, target) / vp_scale
+        nulls.append(null)
+        losses.append(loss)
     return NullTextInversion(torch.stack(nulls), x, torch.stack(losses))
+
+
+def nti_schedule(i, lr=1e-2, early_stop=1e-5):
+    """Step i's Adam learning rate and early-stop threshold: the reference code's (prompt-to-prompt's
+    ``null_text_w_ptp`` notebook, ``null_optimization``) literally, i the step index from the noisiest
+    step: lr·(1 − i/100) and early_stop + 2e-5·i. The formula is kept per step for every step count
+    (not rescaled to it; at 50 steps it is the reference's exactly): the learning rate reaches 0 at
+    step 100, so steps from 100 on keep ∅ of step 99.
+    """
+    return lr * max(0.0, 1 - i / 100), early_stop + 2e-5 * i
 
 
 def _optimise_null(step_to, target, vp_scale, null, lr, threshold, inner_steps, on_step, done, total):

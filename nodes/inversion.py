@@ -339,8 +339,9 @@ def _denoiser(loop):
 def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
     """``run_loop``'s function: inversion, then the reconstruction at ``cfg`` (methods.md §1.1).
 
-    Plain DDIM mode's reconstruction is a whole CFG sampling run; without ``reconstruct`` it is skipped
-    (the "reconstruction" is then the input itself and the error NaN).
+    Plain DDIM mode's reconstruction is a whole CFG sampling run (DDIM steps on the host's CFG prediction,
+    one batch-2 UNet call per step); without ``reconstruct`` it is skipped (the "reconstruction" is then
+    the input itself and the error NaN).
     """
     def fn(loop, x, sigmas):
         n = len(sigmas) - 1
@@ -357,8 +358,9 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
                 latent, nulls, losses = nti.latent, nti.null_embeddings, nti.losses
             elif reconstruct:
                 nulls = losses = None
-                latent = replay(denoise, trajectory[0], sigmas, POSITIVE, uncond.expand(n, *uncond.shape), cfg,
-                                on_step=lambda done, _: bar(n + done))[-1]
+                # the host's own CFG prediction at the guider's ``cfg``: both branches in one batched UNet call
+                latent = replay(lambda z, sigma, _: loop.cfg_denoise(z, sigma), trajectory[0], sigmas, None, None,
+                                cfg, on_step=lambda done, _: bar(n + done))[-1]
             else:
                 nulls = losses = None
                 latent = trajectory[-1]
@@ -410,11 +412,12 @@ class NullTextInvert(io.ComfyNode):
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Adam iterations per step for the null embedding (paper: 10). Null-text mode only."),
                 io.Float.Input("lr", default=1e-2, min=0.0, max=10.0, step=1e-3, round=False,
-                               tooltip="Adam learning rate of the null embedding, decaying linearly to half by the "
-                                       "last step (paper and reference code: 1e-2). Null-text mode only."),
+                               tooltip="Adam learning rate of the null embedding at the first step; step i uses "
+                                       "lr·(1 − i/100), as the reference code (paper and reference: 1e-2). "
+                                       "Null-text mode only."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
-                               tooltip="A step stops optimising once its loss is below this (+ a per-step increase, "
-                                       "as the reference code; paper: 1e-5). Null-text mode only."),
+                               tooltip="Step i stops optimising once its loss is below this + i·2e-5, as the "
+                                       "reference code (paper: 1e-5). Null-text mode only."),
                 io.String.Input("save_name", default="",
                                 tooltip="File name to save the inversion as, in output/inversions/ (load it with "
                                         "Load Inversion); empty: don't save. An existing file is replaced."),
@@ -464,8 +467,8 @@ class NullTextInvert(io.ComfyNode):
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
-        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); gradient passes
-        # read the loaded weights (sampling.gradient_model)
+        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); gradient passes read
+        # the loaded weights, and ddim mode's passes (no gradient) are the model's own (sampling.gradient_model)
         worker = gradient_model(model, torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,

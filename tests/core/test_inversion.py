@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -162,3 +164,31 @@ def test_on_step_can_abort():
                 lambda: replay(model, x0, sigmas, cond, None, 1.0, on_step=cancel)):
         with pytest.raises(InterruptedError):
             run()
+
+
+@pytest.mark.parametrize("n", [10, 50, 120])
+def test_null_text_schedule_is_the_reference_codes_literally_at_every_step(monkeypatch, n):
+    """prompt-to-prompt's null_optimization, step i: Adam(lr=1e-2·(1 − i/100)), stop once the loss <
+    1e-5 + i·2e-5, whatever the step count (issue 11 item 3); lr reaches 0 at step 100: ∅ is kept from there."""
+    core = importlib.import_module(null_text_invert.__module__)
+    real, used = core._optimise_null, []
+
+    def spy(step_to, target, vp_scale, null, lr, threshold, *rest):
+        used.append((lr, threshold))
+        return real(step_to, target, vp_scale, null, lr, threshold, *rest)
+
+    monkeypatch.setattr(core, "_optimise_null", spy)
+    model, (cond, uncond) = GaussianDenoiser(), contexts()
+    sigmas = sd_sigmas(n)
+    trajectory = ddim_invert(model, clean_latent(), sigmas, cond)
+    calls = []
+    nti = null_text_invert(model, trajectory, sigmas, cond, uncond, inner_steps=2,
+                           on_step=lambda done, total: calls.append((done, total)))
+    optimised = min(n, 100)
+    lrs, thresholds = zip(*used)
+    assert lrs == pytest.approx([1e-2 * (1 - i / 100) for i in range(optimised)], rel=1e-12)
+    assert thresholds == pytest.approx([1e-5 + i * 2e-5 for i in range(optimised)], rel=1e-12)
+    if n > 100:
+        assert all(torch.equal(null, nti.null_embeddings[99]) for null in nti.null_embeddings[100:])
+        assert not torch.equal(nti.null_embeddings[99], nti.null_embeddings[98])
+        assert calls[-1] == (2 * n, 2 * n) and torch.isfinite(nti.losses).all()
