@@ -74,3 +74,14 @@ def pack(host):
 
     root = str(host.pack_path).replace(".", "_x_")
     return lambda name=None: importlib.import_module(f"{root}.{name}" if name else root)
+
+
+@pytest.fixture(scope="session")
+def sd1_nodes(host, pack, tiny):
+    """The tiny SD1 model, CLIP and VAE with the pack's node modules and an ``encode`` as CLIPTextEncode does."""
+    import types
+
+    model, clip, vae = tiny.tiny_sd1()
+    return types.SimpleNamespace(cap=pack("nodes.capture"), pnd=pack("nodes.pnd"), lnr=pack("nodes.lnr"),
+                                 inv=pack("nodes.inversion"), model=model, clip=clip, vae=vae, tiny=tiny,
+                                 encode=lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text)))

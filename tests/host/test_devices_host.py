@@ -5,7 +5,6 @@ the model's load device set to a stand-in compute device, where every tensor kee
 be on in a GPU run and an op mixing two devices raises as CUDA does. The flow must run there and give
 bit-identical numbers (the stand-in changes no value, only checks where each tensor would live).
 """
-import types
 
 import pytest
 import torch
@@ -17,12 +16,8 @@ PROMPT, REF_PROMPT = "a photo of a sks dog in the water", "a photo of a sks dog"
 
 
 @pytest.fixture(scope="module")
-def env(host, pack):
-    import tiny_models
-    model, clip, vae = tiny_models.tiny_sd1()
-    return types.SimpleNamespace(pnd=pack("nodes.pnd"), inv=pack("nodes.inversion"), lnr=pack("nodes.lnr"),
-                                 cap=pack("nodes.capture"), model=model, clip=clip, vae=vae, tiny=tiny_models,
-                                 encode=lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+def env(sd1_nodes):
+    return sd1_nodes
 
 
 def image(env, seed, side=128):

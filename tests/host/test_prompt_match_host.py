@@ -4,7 +4,6 @@ AttentionCapture, the Pick-and-Draw nodes and MultiSourceAttnSwap locate words b
 when the sampler's positive conditioning encodes another text the words sit at other tokens and the
 maps, templates and masks silently watch the wrong ones. Each case below ran without a word before.
 """
-import types
 
 import pytest
 import torch
@@ -16,12 +15,8 @@ REFUSED = "the prompt typed here is not the text of the positive CONDITIONING"
 
 
 @pytest.fixture(scope="module")
-def env(host, pack):
-    import tiny_models
-    model, clip, vae = tiny_models.tiny_sd1()
-    return types.SimpleNamespace(cap=pack("nodes.capture"), pnd=pack("nodes.pnd"), lnr=pack("nodes.lnr"),
-                                 inv=pack("nodes.inversion"), model=model, clip=clip, vae=vae, tiny=tiny_models,
-                                 encode=lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+def env(sd1_nodes):
+    return sd1_nodes
 
 
 def sample(env, model, positive, sampler=None, steps=2):
