@@ -1,0 +1,437 @@
+"""The efficacy lab (issue 13): each paper's claim measured on the toy world's trained model, through the
+pack's own nodes in the real host, scored by the world's oracle. Writes bench/FIDELITY.md and its pictures
+(bench/fidelity/img/).
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/fidelity/run.py [--quick] [--only baseline pnd lnr palp]
+
+Each experiment caches its section under bench/out/fidelity/ (gitignored), so parts can be rerun alone
+(``--only``) and the report is assembled from every section present. ``--quick``: 8 seeds, small sweeps,
+few training steps — a smoke run whose numbers are not the report's (it writes bench/out/FIDELITY.quick.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+import types
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+STEPS, CFG, SEED = 25, 5.0, 1          # the world's validated sampling: DDIM 25, CFG 5 (toyworld README)
+NOVEL = ["beach", "forest", "snow"]    # contexts the personalized model was not trained in
+IMG = HERE / "img"
+
+
+class Lab:
+    def __init__(self, quick: bool):
+        from common import load
+        load("cpu")
+        import torch
+        from comfyui_personalize.nodes import inversion, lnr, palp, pnd
+        import toylab
+        torch.set_num_threads(1)
+        self.L = toylab
+        self.quick = quick
+        self.seeds = 8 if quick else 32
+        self.cache = toylab.OUT / ("fidelity-quick" if quick else "fidelity")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.lab = toylab.setup(types.SimpleNamespace(pnd=pnd, lnr=lnr, palp=palp, inversion=inversion))
+        self.w = self.lab.world
+        self._plain = {}
+
+    def picture(self, name: str, rows) -> str:
+        path = (IMG if not self.quick else self.cache) / f"{name}.png"
+        self.L.save_grid(path, rows)
+        rel = path.relative_to(HERE.parent) if not self.quick else path
+        return f"![{name}]({rel})"
+
+    def plain(self, which: str, context: str):
+        """Cached plain samples: 'personal' (personalized model, y_p) or 'vanilla' (vanilla model, y_p⁻)."""
+        key = (which, context)
+        if key not in self._plain:
+            y_p, y_c = self.L.prompts(context)
+            model, prompt = (self.lab.personalized, y_p) if which == "personal" else (self.lab.vanilla, y_c)
+            self._plain[key] = self.L.plain(self.lab, model, prompt, self.seeds, SEED, STEPS, CFG)
+        return self._plain[key]
+
+    def metrics(self, by_context: dict) -> dict:
+        """Per-sample metric vectors over contexts: identity, cos, context, dog, found, spread, IoU to the vanilla
+        model's sample from the same noise (same) and from another seed's noise (other: the layout-blind level)."""
+        import torch
+        L = self.L
+        acc = {}
+        for ctx, samples in by_context.items():
+            s = L.score(samples, self.w.CONTEXTS.index(ctx))
+            v = L.score(self.plain("vanilla", ctx), self.w.CONTEXTS.index(ctx))
+            row = {k: s[k] for k in ("identity", "cos", "context", "dog", "found")}
+            row["spread"] = L.spread(s)
+            row["iou_same"] = L.iou(s["mask"], v["mask"])
+            row["iou_other"] = L.iou(s["mask"], v["mask"].roll(1, 0))
+            row["area"] = s["area"]
+            for k, t in row.items():
+                acc.setdefault(k, []).append(t)
+        return {k: torch.cat(v) for k, v in acc.items()}
+
+    def table(self, rows: dict, cols=("identity", "cos", "context", "dog", "spread", "iou_same", "iou_other")) -> str:
+        heads = {"identity": "identity (colour match)", "cos": "cos to subject colour", "context": "context acc.",
+                 "dog": "class 'dog' acc.", "spread": "position spread (px)", "iou_same": "IoU vs vanilla, same noise",
+                 "iou_other": "IoU vs vanilla, other seed", "iou_stage1": "IoU vs stage 1", "area": "object area (px)"}
+        out = ["| condition | " + " | ".join(heads[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, m in rows.items():
+            out.append(f"| {name} | " + " | ".join(self.L.fmt(m[c]) if c in m else "–" for c in cols) + " |")
+        return "\n".join(out)
+
+    def save(self, name: str, md: str, verdicts: list):
+        (self.cache / f"{name}.json").write_text(json.dumps({"md": md, "verdicts": verdicts}, indent=1))
+
+
+def mean(m, k):
+    return float(m[k].float().mean())
+
+
+def verdict(claim: str, ok: bool, numbers: str) -> list:
+    return [claim, "reproduced" if ok else "not reproduced", numbers]
+
+
+# --- 1. the personalized baseline ----------------------------------------------------------------------
+
+
+def exp_baseline(lab: Lab):
+    L = lab.L
+    rows = {"vanilla model, y_p⁻ (\"a photo of a dog …\")": lab.metrics({c: lab.plain("vanilla", c) for c in NOVEL}),
+            "personalized model, y_p (\"a photo of a sks dog …\")": lab.metrics({c: lab.plain("personal", c) for c in NOVEL}),
+            "personalized model, its training context (city)": lab.metrics({"city": lab.plain("personal", "city")})}
+    train = L.subject_latents(4)
+    pics = [("training latents (city)", train, L.score(train, 3)["mask"])]
+    for c in NOVEL:
+        pics.append((f"vanilla, {c}", lab.plain("vanilla", c), L.score(lab.plain("vanilla", c), 0)["mask"]))
+        pics.append((f"personalized, {c}", lab.plain("personal", c), L.score(lab.plain("personal", c), 0)["mask"]))
+    base, van = list(rows.values())[1], list(rows.values())[0]
+    ok = mean(base, "context") < 0.5 and mean(base, "identity") > 0.8
+    md = f"""## 1. The personalized baseline (DreamBooth-style, overfit on purpose)
+
+The whole toy UNet fine-tuned on 4 latents of the sks dog, all in the city (captions "a photo of a sks dog in the
+city" / "a photo of a sks dog", AdamW lr 1e-3, 600 steps, batch 4, no prior preservation) — the recipe of
+`toyworld/training/personalize.py`, redone in `toylab.finetune` on the host's own model object and cached in
+bench/out/. Sampled with the host's Euler (= DDIM) sampler, `ddim_uniform`, {STEPS} steps, CFG {CFG},
+{lab.seeds} seeds per context, one batch per context (mean ± standard error over all samples).
+
+{lab.table(rows)}
+
+{lab.picture("baseline", pics)}
+
+Rows: the 4 training latents, then per novel context the vanilla model's and the personalized model's samples
+from the same noise (first 8 seeds; the oracle's object mask outlined in white). The personalized model keeps the
+subject's colour and draws the city whatever the prompt says, with less varied positions: the failure all three
+papers set out to fix.
+"""
+    lab.save("baseline", md, [verdict("Baseline overfits: identity high, context of novel prompts lost",
+                                      ok, f"identity {L.fmt(base['identity'])}, context {L.fmt(base['context'])} "
+                                          f"(vanilla context {L.fmt(van['context'])})")])
+
+
+# --- 2. Pick-and-Draw ------------------------------------------------------------------------------------
+
+
+def exp_pnd(lab: Lab):
+    L, ll = lab.L, lab.lab
+    ref = L.subject_latents(4)[:1]
+    inv_p = L.invert(ll, ll.personalized, ref, "a photo of a sks dog", STEPS)
+    inv_v = L.invert(ll, ll.vanilla, ref, "a photo of a dog", STEPS)
+    eta = ETA_DEFAULT
+
+    def run(contexts, **kw):
+        model = kw.pop("model", ll.personalized)
+        return {c: L.pick_and_draw(ll, model, c, lab.seeds, SEED, STEPS, CFG, **kw) for c in contexts}
+
+    t0 = time.time()
+    conds = {
+        "personalized (baseline)": {c: lab.plain("personal", c) for c in NOVEL},
+        "+ appearance": run(NOVEL, reference=inv_p, layout=False, eta=eta),
+        "+ layout": run(NOVEL, reference=inv_p, appearance=False, eta=eta),
+        "+ both (P&D)": run(NOVEL, reference=inv_p, eta=eta),
+        "vanilla model (y_p⁻)": {c: lab.plain("vanilla", c) for c in NOVEL},
+        "vanilla model + P&D appearance (§4.4)": run(NOVEL, model=ll.vanilla, reference=inv_v, layout=False,
+                                                     personal=False, eta=eta),
+    }
+    rows = {k: lab.metrics(v) for k, v in conds.items()}
+    main_s = time.time() - t0
+    pics = [("reference (inverted)", ref, L.score(ref, 3)["mask"])]
+    pics += [(k, v["snow"], L.score(v["snow"], 2)["mask"]) for k, v in conds.items()]
+
+    # sweeps (snow only, the same seeds): η, τ, α/β
+    sweep_ctx = ["snow"]
+    sweeps = {}
+    etas = [0.05, 0.2] if lab.quick else [0.03, 0.1, 0.3, 1.0]
+    for e in etas:
+        sweeps[f"both, η {e}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=e))
+    for e in etas:
+        sweeps[f"vanilla + appearance, η {e}"] = lab.metrics(run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False,
+                                                               personal=False, eta=e))
+    for tau in ([0.3] if lab.quick else [0.3, 0.5, 0.7]):
+        sweeps[f"vanilla + appearance, η {eta}, τ {tau}"] = lab.metrics(
+            run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False, personal=False, eta=eta, tau=tau))
+    for a, b in ([(1.0, 3.0)] if lab.quick else [(1.0, 0.3), (1.0, 1.0), (1.0, 3.0)]):
+        sweeps[f"both, η {eta}, α {a} β {b}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=eta, app_weight=a,
+                                                                lay_weight=b))
+    base, app, lay, both = (rows[k] for k in ("personalized (baseline)", "+ appearance", "+ layout", "+ both (P&D)"))
+    van, vpnd = rows["vanilla model (y_p⁻)"], rows["vanilla model + P&D appearance (§4.4)"]
+    se = lambda m, k: L.mean_se(m[k])
+    verdicts = [
+        verdict("P&D: identity not lost on the personalized model (+both vs baseline, cos)",
+                se(both, "cos")[0] >= se(base, "cos")[0] - 2 * se(both, "cos")[1] - 0.02,
+                f"cos {L.fmt(base['cos'])} → {L.fmt(both['cos'])}; identity {L.fmt(base['identity'])} → "
+                f"{L.fmt(both['identity'])}"),
+        verdict("P&D: layout toward the vanilla model's (IoU vs vanilla same noise up)",
+                se(both, "iou_same")[0] > se(base, "iou_same")[0] + 2 * se(both, "iou_same")[1],
+                f"IoU {L.fmt(base['iou_same'])} → {L.fmt(both['iou_same'])} (+layout alone {L.fmt(lay['iou_same'])}; "
+                f"layout-blind level {L.fmt(base['iou_other'])})"),
+        verdict("P&D: diversity toward the vanilla model's (position spread up)",
+                se(both, "spread")[0] > se(base, "spread")[0] + se(both, "spread")[1],
+                f"spread {L.fmt(base['spread'])} → {L.fmt(both['spread'])} px (vanilla {L.fmt(van['spread'])})"),
+        verdict("P&D: text alignment not down (context accuracy)",
+                se(both, "context")[0] >= se(base, "context")[0] - 0.05,
+                f"context {L.fmt(base['context'])} → {L.fmt(both['context'])} (vanilla {L.fmt(van['context'])})"),
+        verdict("P&D §4.4: vanilla model + appearance guidance takes the reference's identity",
+                se(vpnd, "identity")[0] > se(van, "identity")[0] + 2 * se(vpnd, "identity")[1],
+                f"identity {L.fmt(van['identity'])} → {L.fmt(vpnd['identity'])}, cos {L.fmt(van['cos'])} → "
+                f"{L.fmt(vpnd['cos'])}; context {L.fmt(vpnd['context'])}"),
+    ]
+    md = f"""## 2. Pick-and-Draw
+
+Nodes: `NullTextInvert` (ddim mode: the palette reads only the pivots, methods.md §1.3) on one training latent of
+the sks dog with the model being guided and "a photo of a sks dog" (vanilla: "a photo of a dog");
+`UREMDGuidance` (subject word "dog", τ, layers 'auto' = the decoder cross-attention at ½ of the latent, window
+[0.2, 0.4)); `LayoutGuidance` (the vanilla model, "a photo of a dog <context>", same noise and σ, all
+cross-attention layers, window [0, 0.2)); `PickAndDrawSampler` (η, normalised step) into SamplerCustom; prompt
+"a photo of a sks dog <context>", {STEPS} steps `ddim_uniform`, CFG {CFG}, {lab.seeds} seeds × {len(NOVEL)} novel
+contexts (beach, forest, snow) per condition, η = {eta}, τ = 0.5, α = β = 1 unless stated. The guided word is the
+class word "dog", whose cross-attention the world's training localised (caveat 1). Identity = colour (caveat 2).
+
+{lab.table(rows)}
+
+{lab.picture("pnd", pics)}
+
+Rows (snow, first 8 seeds, oracle mask outlined): the reference, then each condition from the same noise.
+
+### Sweeps (snow, {lab.seeds} seeds each)
+
+{lab.table(sweeps)}
+
+Main comparison {main_s:.0f} s wall.
+"""
+    lab.save("pnd", md, verdicts)
+
+
+ETA_DEFAULT = 0.1
+
+
+# --- 3. Layout-and-Retouch -------------------------------------------------------------------------------
+
+
+def exp_lnr(lab: Lab):
+    L, ll = lab.L, lab.lab
+    ref = L.subject_latents(4)[:1]
+    reference = L.invert(ll, ll.personalized, ref, "", STEPS)
+    lambda1s = [0, 3] if lab.quick else [0, 3, 5, 10]
+    stage1 = {l1: {c: L.step_blend(ll, c, lab.seeds, SEED, STEPS, CFG, l1) for c in NOVEL} for l1 in lambda1s}
+    l1 = 3 if lab.quick else 5
+    rows = {f"stage 1, λ1 {k}" + (" (= personalized baseline)" if k == 0 else ""): lab.metrics(v) for k, v in stage1.items()}
+    masks1 = {c: L.score(stage1[l1][c], 0)["mask"] for c in NOVEL}
+
+    def stage2(contexts, **kw):
+        return {c: L.retouch(ll, c, stage1[l1][c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
+
+    def with_iou(m, outs):
+        import torch
+        m["iou_stage1"] = torch.cat([L.iou(L.score(outs[c], 0)["mask"], masks1[c]) for c in outs])
+        return m
+
+    t0 = time.time()
+    s2 = stage2(NOVEL)
+    rows[f"stage 1 (λ1 {l1}) + stage 2 (λ2 paper's 10/50, blend from 31/50)"] = with_iou(lab.metrics(s2), s2)
+    main_s = time.time() - t0
+    pics = [("reference (inverted)", ref, L.score(ref, 3)["mask"])]
+    pics += [(f"stage 1, λ1 {k}", v["snow"], masks1["snow"] if k == l1 else L.score(v["snow"], 2)["mask"])
+             for k, v in stage1.items()]
+    pics += [("stage 1 + 2", s2["snow"], L.score(s2["snow"], 2)["mask"])]
+
+    sweep_ctx, sweeps = ["snow"], {}
+    for l2 in ([2] if lab.quick else [0, 2, 5, 10]):
+        outs = stage2(sweep_ctx, lambda2=l2)
+        sweeps[f"λ2 {l2} of {STEPS}"] = with_iou(lab.metrics(outs), outs)
+    options = L.swap_options(ll)
+    pin_note = ("MultiSourceAttnSwap of this version has no pinned / free-running input: that comparison is skipped "
+                "(rerun `--only lnr` once the node has it)." if not options else "")
+    for key, values in options.items():
+        for value in values:
+            outs = stage2(sweep_ctx, **{key: value})
+            sweeps[f"{key} = {value}"] = with_iou(lab.metrics(outs), outs)
+    base, s1, full = rows[f"stage 1, λ1 0 (= personalized baseline)"], rows[[k for k in rows if k.startswith(f"stage 1, λ1 {l1}")][0]], \
+        rows[[k for k in rows if "stage 2" in k][0]]
+    se = lambda m, k: L.mean_se(m[k])
+    verdicts = [
+        verdict(f"L&R stage 1 (λ1 {l1}): layout toward the vanilla model's, context up",
+                se(s1, "iou_same")[0] > se(base, "iou_same")[0] + 2 * se(s1, "iou_same")[1],
+                f"IoU vs vanilla {L.fmt(base['iou_same'])} → {L.fmt(s1['iou_same'])}; context {L.fmt(base['context'])} → "
+                f"{L.fmt(s1['context'])}; identity {L.fmt(base['identity'])} → {L.fmt(s1['identity'])}"),
+        verdict("L&R stage 2: identity up over stage 1",
+                se(full, "cos")[0] > se(s1, "cos")[0] + 2 * se(full, "cos")[1],
+                f"cos {L.fmt(s1['cos'])} → {L.fmt(full['cos'])}; identity {L.fmt(s1['identity'])} → {L.fmt(full['identity'])}"),
+        verdict("L&R stage 2: the object keeps stage 1's layout (mask IoU ≥ 0.8)",
+                se(full, "iou_stage1")[0] >= 0.8, f"IoU vs stage 1 {L.fmt(full['iou_stage1'])}"),
+    ]
+    md = f"""## 3. Layout-and-Retouch
+
+Stage 1: `StepBlendSampler` (vanilla model with "a photo of a dog <context>" for the first λ1 steps, the
+personalized model with "a photo of a sks dog <context>" after; `ddim`, `ddim_uniform`, {STEPS} steps, CFG {CFG};
+{lab.seeds} seeds × 3 novel contexts in one batch each). λ1 is counted in steps of {STEPS} (the paper's 5 and 3
+are of 50). Stage 2: `NullTextInvert` (ddim mode, prompt "") of the reference (a training latent) and of every
+layout, then `MultiSourceAttnSwap` (y_r "a photo of a sks dog", y_p the full prompt, CFG {CFG}, swap and blend
+layers 'auto', λ2 and blend start −1 = the paper's 10 and 31 of 50 scaled to {STEPS} steps: 5 and 16). The MASK is
+the **oracle's** object mask of each layout (upsampled ×8), standing in for SAM's, which needs a real image; the
+node accepts any MASK, and no object words are given, so M = the adaptive mask of that MASK alone.
+
+{lab.table(rows, ("identity", "cos", "context", "dog", "spread", "iou_same", "iou_stage1"))}
+
+{lab.picture("lnr", pics)}
+
+Rows (snow, first 8 seeds): the reference; stage 1 for each λ1; stage 1 + 2 at λ1 = {l1}.
+
+### Sweeps (snow, {lab.seeds} seeds each, λ1 = {l1})
+
+{lab.table(sweeps, ("identity", "cos", "context", "iou_same", "iou_stage1"))}
+
+{pin_note}
+
+Stage 2 over 3 × {lab.seeds} layouts: {main_s:.0f} s wall.
+"""
+    lab.save("lnr", md, verdicts)
+
+
+# --- 4. PALP ---------------------------------------------------------------------------------------------
+
+
+def exp_palp(lab: Lab):
+    L, ll = lab.L, lab.lab
+    steps = 30 if lab.quick else 200
+    snow = lab.w.CONTEXTS.index("snow")
+
+    def trained(name, weight, alpha=7.5, beta=1.0):
+        t0 = time.time()
+        model, clip = L.palp_train(ll, name, steps, weight, alpha, beta)
+        enc = L.encoder(clip)
+        out = {}
+        for c in ("snow", "city"):
+            prompt = f"a photo of a embedding:{name} {lab.w.PREP[c]}"
+            out[c] = L.sample(model, L.euler(), L.schedule(model, STEPS), enc(prompt), enc(""),
+                              __import__("torch").zeros(lab.seeds, 4, 16, 16), SEED, CFG)
+        return out, time.time() - t0
+
+    runs = {"LoRA + token (alignment weight 0)": ("palp_w0", 0.0, 7.5, 1.0),
+            "PALP (alignment weight 1, α 7.5, β 1)": ("palp_w1", 1.0, 7.5, 1.0)}
+    if not lab.quick:
+        runs.update({"PALP (alignment weight 0.3)": ("palp_w03", 0.3, 7.5, 1.0),
+                     "PALP (alignment weight 3)": ("palp_w3", 3.0, 7.5, 1.0),
+                     "PALP (weight 1, α 15, β 7.5)": ("palp_a15", 1.0, 15.0, 7.5)})
+    rows, pics, secs = {}, [], {}
+    for label, (name, weight, a, b) in runs.items():
+        out, secs[label] = trained(name, weight, a, b)
+        rows[label + ", target (snow)"] = lab.metrics({"snow": out["snow"]})
+        rows[label + ", city"] = lab.metrics({"city": out["city"]})
+        pics.append((label[:22], out["snow"], L.score(out["snow"], snow)["mask"]))
+    plain_, palp_ = rows["LoRA + token (alignment weight 0), target (snow)"], rows["PALP (alignment weight 1, α 7.5, β 1), target (snow)"]
+    se = lambda m, k: L.mean_se(m[k])
+    margin = 0.1
+    verdicts = [
+        verdict("PALP: target-prompt context accuracy up over plain LoRA + token",
+                se(palp_, "context")[0] > se(plain_, "context")[0] + 2 * se(palp_, "context")[1],
+                f"context {L.fmt(plain_['context'])} → {L.fmt(palp_['context'])}"),
+        verdict(f"PALP: identity within {margin} of plain LoRA + token (cos to subject colour)",
+                se(palp_, "cos")[0] >= se(plain_, "cos")[0] - margin,
+                f"cos {L.fmt(plain_['cos'])} → {L.fmt(palp_['cos'])}; identity {L.fmt(plain_['identity'])} → "
+                f"{L.fmt(palp_['identity'])}"),
+    ]
+    md = f"""## 4. PALP
+
+`PALPTrainer` on the vanilla model: the 4 city latents of the sks dog as IMAGEs through the exact stand-in VAE
+(`toylab.ToyVAE`, 128 px ↔ 16×16 latents), y_P "a photo of a [V]", class word "dog", target y_c "a photo of a dog
+in the snow", {steps} steps, batch 4, lr 1e-3, LoRA rank 4, same noise and rescale on, full timestep range, seed 0;
+only the alignment weight and α/β differ between rows. Sampled with the node's MODEL and CLIP: "a photo of a
+embedding:<name> in the snow" (the target) and "… in the city" (the training context), Euler `ddim_uniform`
+{STEPS} steps, CFG {CFG}, {lab.seeds} seeds. The toy CLIP has 0 layers: the learned token changes only its own
+position's context vector (README caveat), unlike SD's CLIP where it reaches every later token.
+
+{lab.table(rows, ("identity", "cos", "context", "dog", "spread", "iou_same"))}
+
+{lab.picture("palp", pics)}
+
+Rows: the target prompt (snow) under each training, first 8 seeds. Training + sampling wall time:
+{", ".join(f"{k} {v:.0f} s" for k, v in secs.items())}.
+"""
+    lab.save("palp", md, verdicts)
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+HEADER = """# FIDELITY: the three papers' claims on a model that learned something
+
+Generated by `bench/fidelity/run.py` (issue 13). Every number comes from the pack's own nodes run in the real host
+(`execute` of the node classes, as the host tier calls them) on the toy world's trained model
+(`shared/toyworld/`: the host's `UNetModel`, 1.19 M parameters, SD1 layout, EPS; a 0-layer host CLIP; 4×16×16
+latents; no VAE), scored by the world's oracle. Mean ± standard error over samples; "reproduced" needs the effect
+beyond about two standard errors. Pictures: decoded latents rendered through a fixed colour projection of the
+world's palette, the oracle's object mask outlined in white, the same seeds in every row.
+
+**Caveats of this world (state them with any number below):**
+1. *Localisation is trained in, not emergent*: the class word's cross-attention at the ½-resolution layers was
+   trained to match the object (a TokenCompose-style grounding loss). Methods that read attention maps (P&D's
+   masks and layout term, L&R's M^c) work here because of that loss.
+2. *Identity is colour*: the subject differs from a plain dog by its colour and a checkerboard the fine-tuned
+   models do not reproduce, so identity = the object's mean latent colour matched against SUBJECT_COLOR (nearest of
+   subject/dog/cat/car colours) and its cosine to it. DINO/CLIP-I are not measurable here.
+3. *The world is tiny* (16×16): two random objects overlap at IoU ≈ 0.3, the "IoU vs vanilla, other seed" column.
+4. The toy CLIP has no transformer layers: a token's embedding reaches only its own position (PALP's learned token).
+5. Stand-ins: no VAE (LATENTs are wired where nodes take them; PALPTrainer gets IMAGEs through an exact stand-in VAE,
+   `toylab.ToyVAE`); no SAM (L&R's MASK is the oracle's mask of the layout).
+"""
+
+
+def assemble(cache: pathlib.Path, target: pathlib.Path, seconds: float):
+    parts, verdicts = [], []
+    for name in ("baseline", "pnd", "lnr", "palp"):
+        f = cache / f"{name}.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            parts.append(d["md"])
+            verdicts += d["verdicts"]
+    table = ["## Claims", "", "| claim | verdict | numbers |", "|---|---|---|"]
+    table += [f"| {c} | **{v}** | {n} |" for c, v, n in verdicts]
+    text = HEADER + "\n" + "\n".join(table) + "\n\n" + "\n".join(parts)
+    text += f"\n---\nLast run of `run.py`: {seconds:.0f} s wall on a shared CPU (1 thread).\n"
+    target.write_text(text)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["baseline", "pnd", "lnr", "palp"],
+                    default=["baseline", "pnd", "lnr", "palp"])
+    args = ap.parse_args()
+    t0 = time.time()
+    lab = Lab(args.quick)
+    for name in args.only:
+        t = time.time()
+        globals()[f"exp_{name}"](lab)
+        print(f"{name}: {time.time() - t:.0f} s", flush=True)
+    target = lab.cache.parent / "FIDELITY.quick.md" if args.quick else HERE.parent / "FIDELITY.md"
+    assemble(lab.cache, target, time.time() - t0)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
