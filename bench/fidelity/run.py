@@ -163,21 +163,7 @@ def exp_pnd(lab: Lab):
     pics = [("reference (inverted)", ref, L.score(ref, 3)["mask"])]
     pics += [(k, v["snow"], L.score(v["snow"], 2)["mask"]) for k, v in conds.items()]
 
-    # sweeps (snow only, the same seeds): η, τ, α/β
-    sweep_ctx = ["snow"]
-    sweeps = {}
-    etas = [0.05, 0.2] if lab.quick else [0.03, 0.1, 0.3, 1.0]
-    for e in etas:
-        sweeps[f"both, η {e}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=e))
-    for e in etas:
-        sweeps[f"vanilla + appearance, η {e}"] = lab.metrics(run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False,
-                                                               personal=False, eta=e))
-    for tau in ([0.3] if lab.quick else [0.3, 0.5, 0.7]):
-        sweeps[f"vanilla + appearance, η {eta}, τ {tau}"] = lab.metrics(
-            run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False, personal=False, eta=eta, tau=tau))
-    for a, b in ([(1.0, 3.0)] if lab.quick else [(1.0, 0.3), (1.0, 1.0), (1.0, 3.0)]):
-        sweeps[f"both, η {eta}, α {a} β {b}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=eta, app_weight=a,
-                                                                lay_weight=b))
+    loc = localisation(lab)
     base, app, lay, both = (rows[k] for k in ("personalized (baseline)", "+ appearance", "+ layout", "+ both (P&D)"))
     van, vpnd = rows["vanilla model (y_p⁻)"], rows["vanilla model + P&D appearance (§4.4)"]
     se = lambda m, k: L.mean_se(m[k])
@@ -218,13 +204,86 @@ class word "dog", whose cross-attention the world's training localised (caveat 1
 
 Rows (snow, first 8 seeds, oracle mask outlined): the reference, then each condition from the same noise.
 
-### Sweeps (snow, {lab.seeds} seeds each)
+### Why the layout term cannot work on this baseline: the fine-tune erased the localisation
 
-{lab.table(sweeps)}
+P&D reads the *personalized* model's subject maps (§3.1) and assumes they mark the subject. Correlation of the
+word's decoder-½ cross-attention (captured by `LayoutGuidance`'s own capture over the whole run, 25 steps, head- and
+layer-averaged) with the same sample's final oracle mask, against another seed's mask (the layout-blind level),
+{lab.seeds} seeds, snow:
+
+{loc}
+
+The vanilla model's maps follow its object (the world's trained-in grounding, caveat 1); the fully fine-tuned
+model's no longer do (no grounding loss in the fine-tune; 600 steps at lr 1e-3 rewrote the attention). The layout
+term then reshapes maps that do not carry the object: its loss falls during the window (measured: 1.25 → 0.48 at the
+window's last step, decoder ½ layers, η 0.1) while the object lands elsewhere, so IoU to the vanilla sample falls
+below the layout-blind level. This is the world's baseline, not the node: on the vanilla model (whose maps localise)
+the same nodes move the layout as intended (§4.4 row: IoU to the unguided vanilla sample stays high).
 
 Main comparison {main_s:.0f} s wall.
 """
     lab.save("pnd", md, verdicts)
+
+
+def localisation(lab: Lab) -> str:
+    """Map-vs-own-mask correlation through LayoutGuidance's capture (the pack's own attention capture)."""
+    import torch
+    import torch.nn.functional as F
+    L, ll = lab.L, lab.lab
+    y_p, y_c = L.prompts("snow")
+    latent = torch.zeros(lab.seeds, 4, 16, 16)
+    sigmas = L.schedule(ll.vanilla, STEPS)
+
+    def corr(a, b):
+        a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+
+    out = ["| model, word | corr. with own mask | corr. with another seed's mask |", "|---|---|---|"]
+    for label, model, prompt, which in (("vanilla, 'dog'", ll.vanilla, y_c, "vanilla"),
+                                        ("personalized, 'dog'", ll.personalized, y_p, "personal")):
+        with torch.inference_mode():
+            term = ll.nodes.pnd.LayoutGuidance.execute(model, ll.clip, prompt, "dog", ll.encode(prompt), ll.encode(""),
+                                                       CFG, L.noise_for(SEED, latent), sigmas, {"samples": latent},
+                                                       "decoder cross 1/2", 0.0, 1.0, 1.0, 3, 0.5).args[0]
+        maps = torch.stack([torch.stack([F.interpolate(m[:, None].float(), size=(16, 16), mode="bilinear")[:, 0]
+                                         for m in step.values()]).mean(0) for step in term.maps]).mean(0)
+        mask = L.score(lab.plain(which, "snow"), 2)["mask"].float()
+        out.append(f"| {label} | {L.fmt(corr(maps, mask))} | {L.fmt(corr(maps, mask.roll(1, 0)))} |")
+    return "\n".join(out)
+
+
+def exp_pnd_sweep(lab: Lab):
+    L, ll = lab.L, lab.lab
+    ref = L.subject_latents(4)[:1]
+    inv_p = L.invert(ll, ll.personalized, ref, "a photo of a sks dog", STEPS)
+    inv_v = L.invert(ll, ll.vanilla, ref, "a photo of a dog", STEPS)
+    eta = ETA_DEFAULT
+
+    def run(contexts, **kw):
+        model = kw.pop("model", ll.personalized)
+        return {c: L.pick_and_draw(ll, model, c, lab.seeds, SEED, STEPS, CFG, **kw) for c in contexts}
+
+    sweep_ctx = ["snow"]
+    sweeps = {}
+    etas = [0.05, 0.2] if lab.quick else [0.03, 0.1, 0.3, 1.0]
+    for e in etas:
+        sweeps[f"both, η {e}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=e))
+    for e in etas:
+        sweeps[f"vanilla + appearance, η {e}"] = lab.metrics(run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False,
+                                                               personal=False, eta=e))
+    for tau in ([0.3] if lab.quick else [0.3, 0.5, 0.7]):
+        sweeps[f"vanilla + appearance, η 0.3, τ {tau}"] = lab.metrics(
+            run(sweep_ctx, model=ll.vanilla, reference=inv_v, layout=False, personal=False, eta=0.3, tau=tau))
+    for a, b in ([(1.0, 3.0)] if lab.quick else [(1.0, 0.3), (1.0, 1.0), (1.0, 3.0)]):
+        sweeps[f"both, η {eta}, α {a} β {b}"] = lab.metrics(run(sweep_ctx, reference=inv_p, eta=eta, app_weight=a,
+                                                                lay_weight=b))
+    sweeps = {"personalized (no guidance)": lab.metrics({"snow": lab.plain("personal", "snow")}),
+              "vanilla (no guidance)": lab.metrics({"snow": lab.plain("vanilla", "snow")}), **sweeps}
+    md = f"""### Pick-and-Draw sweeps: η, τ, α/β (snow, {lab.seeds} seeds each; 'both' = personalized model + both terms)
+
+{lab.table(sweeps)}
+"""
+    lab.save("pnd_sweep", md, [])
 
 
 ETA_DEFAULT = 0.1
@@ -233,15 +292,27 @@ ETA_DEFAULT = 0.1
 # --- 3. Layout-and-Retouch -------------------------------------------------------------------------------
 
 
-def exp_lnr(lab: Lab):
+def lnr_stage1(lab: Lab):
+    """The reference's inversion and stage 1 for every λ1 (cached on disk: both L&R sections use them)."""
+    import torch
     L, ll = lab.L, lab.lab
     ref = L.subject_latents(4)[:1]
     reference = L.invert(ll, ll.personalized, ref, "", STEPS)
     lambda1s = [0, 3] if lab.quick else [0, 3, 5, 10]
-    stage1 = {l1: {c: L.step_blend(ll, c, lab.seeds, SEED, STEPS, CFG, l1) for c in NOVEL} for l1 in lambda1s}
+    path = lab.cache / "lnr_stage1.pt"
+    stage1 = torch.load(path) if path.exists() else {}
+    if set(stage1) != set(lambda1s):
+        stage1 = {l1: {c: L.step_blend(ll, c, lab.seeds, SEED, STEPS, CFG, l1) for c in NOVEL} for l1 in lambda1s}
+        torch.save(stage1, path)
     l1 = 3 if lab.quick else 5
-    rows = {f"stage 1, λ1 {k}" + (" (= personalized baseline)" if k == 0 else ""): lab.metrics(v) for k, v in stage1.items()}
     masks1 = {c: L.score(stage1[l1][c], 0)["mask"] for c in NOVEL}
+    return ref, reference, stage1, l1, masks1
+
+
+def exp_lnr(lab: Lab):
+    L, ll = lab.L, lab.lab
+    ref, reference, stage1, l1, masks1 = lnr_stage1(lab)
+    rows = {f"stage 1, λ1 {k}" + (" (= personalized baseline)" if k == 0 else ""): lab.metrics(v) for k, v in stage1.items()}
 
     def stage2(contexts, **kw):
         return {c: L.retouch(ll, c, stage1[l1][c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
@@ -260,17 +331,6 @@ def exp_lnr(lab: Lab):
              for k, v in stage1.items()]
     pics += [("stage 1 + 2", s2["snow"], L.score(s2["snow"], 2)["mask"])]
 
-    sweep_ctx, sweeps = ["snow"], {}
-    for l2 in ([2] if lab.quick else [0, 2, 5, 10]):
-        outs = stage2(sweep_ctx, lambda2=l2)
-        sweeps[f"λ2 {l2} of {STEPS}"] = with_iou(lab.metrics(outs), outs)
-    options = L.swap_options(ll)
-    pin_note = ("MultiSourceAttnSwap of this version has no pinned / free-running input: that comparison is skipped "
-                "(rerun `--only lnr` once the node has it)." if not options else "")
-    for key, values in options.items():
-        for value in values:
-            outs = stage2(sweep_ctx, **{key: value})
-            sweeps[f"{key} = {value}"] = with_iou(lab.metrics(outs), outs)
     base, s1, full = rows[f"stage 1, λ1 0 (= personalized baseline)"], rows[[k for k in rows if k.startswith(f"stage 1, λ1 {l1}")][0]], \
         rows[[k for k in rows if "stage 2" in k][0]]
     se = lambda m, k: L.mean_se(m[k])
@@ -302,28 +362,56 @@ node accepts any MASK, and no object words are given, so M = the adaptive mask o
 
 Rows (snow, first 8 seeds): the reference; stage 1 for each λ1; stage 1 + 2 at λ1 = {l1}.
 
-### Sweeps (snow, {lab.seeds} seeds each, λ1 = {l1})
-
-{lab.table(sweeps, ("identity", "cos", "context", "iou_same", "iou_stage1"))}
-
-{pin_note}
-
 Stage 2 over 3 × {lab.seeds} layouts: {main_s:.0f} s wall.
 """
     lab.save("lnr", md, verdicts)
 
 
+def exp_lnr_sweep(lab: Lab):
+    import torch
+    L, ll = lab.L, lab.lab
+    ref, reference, stage1, l1, masks1 = lnr_stage1(lab)
+
+    def stage2(contexts, **kw):
+        return {c: L.retouch(ll, c, stage1[l1][c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
+
+    def with_iou(m, outs):
+        m["iou_stage1"] = torch.cat([L.iou(L.score(outs[c], 0)["mask"], masks1[c]) for c in outs])
+        return m
+
+    sweeps = {f"stage 1 only (λ1 {l1})": lab.metrics({"snow": stage1[l1]["snow"]})}
+    sweep_ctx, sweeps = ["snow"], {}
+    for l2 in ([2] if lab.quick else [0, 2, 10]):
+        outs = stage2(sweep_ctx, lambda2=l2)
+        sweeps[f"λ2 {l2} of {STEPS}"] = with_iou(lab.metrics(outs), outs)
+    options = L.swap_options(ll)
+    pin_note = ("MultiSourceAttnSwap of this version has no pinned / free-running input: that comparison is skipped "
+                "(rerun `--only lnr_sweep` once the node has it)." if not options else "")
+    for key, values in options.items():
+        for value in values:
+            outs = stage2(sweep_ctx, **{key: value})
+            sweeps[f"{key} = {value}"] = with_iou(lab.metrics(outs), outs)
+    md = f"""### Layout-and-Retouch sweeps: λ2 and the source paths (snow, {lab.seeds} seeds each, λ1 = {l1}; the paper's
+λ2 = 10 of 50 is 5 of {STEPS}, in the main table)
+
+{lab.table(sweeps, ("identity", "cos", "context", "iou_same", "iou_stage1"))}
+
+{pin_note}
+"""
+    lab.save("lnr_sweep", md, [])
+
+
 # --- 4. PALP ---------------------------------------------------------------------------------------------
 
 
-def exp_palp(lab: Lab):
+def exp_palp(lab: Lab, SWEEP=False):
     L, ll = lab.L, lab.lab
-    steps = 30 if lab.quick else 200
+    steps = 30 if lab.quick else PALP_STEPS
     snow = lab.w.CONTEXTS.index("snow")
 
     def trained(name, weight, alpha=7.5, beta=1.0):
         t0 = time.time()
-        model, clip = L.palp_train(ll, name, steps, weight, alpha, beta)
+        model, clip = L.palp_train(ll, name, steps, weight, alpha, beta, lr=PALP_LR, rank=PALP_RANK)
         enc = L.encoder(clip)
         out = {}
         for c in ("snow", "city"):
@@ -333,17 +421,20 @@ def exp_palp(lab: Lab):
         return out, time.time() - t0
 
     runs = {"LoRA + token (alignment weight 0)": ("palp_w0", 0.0, 7.5, 1.0),
-            "PALP (alignment weight 1, α 7.5, β 1)": ("palp_w1", 1.0, 7.5, 1.0)}
-    if not lab.quick:
-        runs.update({"PALP (alignment weight 0.3)": ("palp_w03", 0.3, 7.5, 1.0),
-                     "PALP (alignment weight 3)": ("palp_w3", 3.0, 7.5, 1.0),
-                     "PALP (weight 1, α 15, β 7.5)": ("palp_a15", 1.0, 15.0, 7.5)})
+            "PALP (alignment weight 1, α 7.5, β 1)": ("palp_w1", 1.0, 7.5, 1.0)} if not SWEEP else \
+        {"PALP (alignment weight 0.3, α 7.5, β 1)": ("palp_w03", 0.3, 7.5, 1.0),
+         "PALP (alignment weight 1, α 15, β 7.5)": ("palp_a15", 1.0, 15.0, 7.5)}
     rows, pics, secs = {}, [], {}
     for label, (name, weight, a, b) in runs.items():
         out, secs[label] = trained(name, weight, a, b)
         rows[label + ", target (snow)"] = lab.metrics({"snow": out["snow"]})
         rows[label + ", city"] = lab.metrics({"city": out["city"]})
         pics.append((label[:22], out["snow"], L.score(out["snow"], snow)["mask"]))
+    if SWEEP:
+        lab.save("palp_sweep", "### PALP sweep: alignment weight and α/β (same training otherwise)\n\n"
+                 + lab.table(rows, ("identity", "cos", "context", "dog", "spread", "iou_same")) + "\n\n"
+                 + lab.picture("palp_sweep", pics) + "\n", [])
+        return
     plain_, palp_ = rows["LoRA + token (alignment weight 0), target (snow)"], rows["PALP (alignment weight 1, α 7.5, β 1), target (snow)"]
     se = lambda m, k: L.mean_se(m[k])
     margin = 0.1
@@ -360,7 +451,7 @@ def exp_palp(lab: Lab):
 
 `PALPTrainer` on the vanilla model: the 4 city latents of the sks dog as IMAGEs through the exact stand-in VAE
 (`toylab.ToyVAE`, 128 px ↔ 16×16 latents), y_P "a photo of a [V]", class word "dog", target y_c "a photo of a dog
-in the snow", {steps} steps, batch 4, lr 1e-3, LoRA rank 4, same noise and rescale on, full timestep range, seed 0;
+in the snow", {steps} steps, batch 4, lr {PALP_LR:g}, LoRA rank {PALP_RANK}, same noise and rescale on, full timestep range, seed 0;
 only the alignment weight and α/β differ between rows. Sampled with the node's MODEL and CLIP: "a photo of a
 embedding:<name> in the snow" (the target) and "… in the city" (the training context), Euler `ddim_uniform`
 {STEPS} steps, CFG {CFG}, {lab.seeds} seeds. The toy CLIP has 0 layers: the learned token changes only its own
@@ -374,6 +465,14 @@ Rows: the target prompt (snow) under each training, first 8 seeds. Training + sa
 {", ".join(f"{k} {v:.0f} s" for k, v in secs.items())}.
 """
     lab.save("palp", md, verdicts)
+
+
+def exp_palp_sweep(lab: Lab):
+    exp_palp(lab, SWEEP=True)
+
+
+PALP_STEPS, PALP_LR, PALP_RANK = 300, 1e-2, 4
+EXPERIMENTS = ["baseline", "pnd", "pnd_sweep", "lnr", "lnr_sweep", "palp", "palp_sweep"]
 
 
 # --- the report ----------------------------------------------------------------------------------------------
@@ -403,7 +502,7 @@ world's palette, the oracle's object mask outlined in white, the same seeds in e
 
 def assemble(cache: pathlib.Path, target: pathlib.Path, seconds: float):
     parts, verdicts = [], []
-    for name in ("baseline", "pnd", "lnr", "palp"):
+    for name in EXPERIMENTS:
         f = cache / f"{name}.json"
         if f.exists():
             d = json.loads(f.read_text())
@@ -419,8 +518,7 @@ def assemble(cache: pathlib.Path, target: pathlib.Path, seconds: float):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", nargs="+", choices=["baseline", "pnd", "lnr", "palp"],
-                    default=["baseline", "pnd", "lnr", "palp"])
+    ap.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=EXPERIMENTS)
     args = ap.parse_args()
     t0 = time.time()
     lab = Lab(args.quick)
