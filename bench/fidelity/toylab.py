@@ -158,16 +158,16 @@ def subject_latents(n=4, context="city", seed=11):
 # --- the personalized baseline (DreamBooth-style full fine-tune) ------------------------------------
 
 
-def finetune(clip, steps=600, lr=1e-3, context="city", seed=11, log=print):
+def finetune(clip, steps=600, lr=1e-3, context="city", seed=11, log=print, cache=True):
     """The "personalized model" of all three papers, overfit on purpose: the whole toy UNet fine-tuned on 4
     latents of the sks dog in one context, captions "a photo of a sks dog in the <context>" / "a photo of a sks
     dog", no prior preservation (the gate of ``toyworld/training/personalize.py``, redone on the host's model).
-    Cached under bench/out/ by its settings. Returns a MODEL."""
+    Cached under bench/out/ by its settings (``cache``). Returns a MODEL."""
     from safetensors.torch import load_file, save_file
     w = world()
     key = hashlib.sha256(repr((steps, lr, context, seed, "v1")).encode()).hexdigest()[:12]
     path = OUT / f"toy_finetune_{key}.safetensors"
-    if path.exists():
+    if cache and path.exists():
         return load_model(load_file(str(path)))
     import time
     start = time.time()
@@ -198,6 +198,8 @@ def finetune(clip, steps=600, lr=1e-3, context="city", seed=11, log=print):
         unet.eval()
         for p in params:
             p.requires_grad_(False)
+    if not cache:
+        return model
     OUT.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(path))
     log(f"fine-tuned the personalized baseline: {steps} steps in {time.time() - start:.0f} s -> {path.name}")
