@@ -283,7 +283,13 @@ def exp_pnd_sweep(lab: Lab):
 
 {lab.table(sweeps)}
 """
-    lab.save("pnd_sweep", md, [])
+    van, app = sweeps["vanilla (no guidance)"], sweeps.get("vanilla + appearance, η 0.3")
+    verdicts = [] if app is None else [verdict(
+        "P&D §4.4 at η 0.3 (snow sweep): vanilla model + appearance moves the colour toward the reference",
+        L.mean_se(app["cos"])[0] > L.mean_se(van["cos"])[0] + 2 * L.mean_se(app["cos"])[1],
+        f"cos {L.fmt(van['cos'])} → {L.fmt(app['cos'])} (colour match {L.fmt(app['identity'])}: never reaches the "
+        f"subject's colour); context {L.fmt(app['context'])}")]
+    lab.save("pnd_sweep", md, verdicts)
 
 
 ETA_DEFAULT = 0.1
