@@ -137,16 +137,24 @@ papers set out to fix.
 # --- 2. Pick-and-Draw ------------------------------------------------------------------------------------
 
 
-def exp_pnd(lab: Lab):
+def pnd_setup(lab: Lab):
+    """The reference (a training latent), its inversions by the personalized and the vanilla model, and
+    ``run(contexts, **pick_and_draw options)`` -> {context: samples} (personalized model unless ``model=``)."""
     L, ll = lab.L, lab.lab
     ref = L.subject_latents(4)[:1]
     inv_p = L.invert(ll, ll.personalized, ref, "a photo of a sks dog", STEPS)
     inv_v = L.invert(ll, ll.vanilla, ref, "a photo of a dog", STEPS)
-    eta = ETA_DEFAULT
 
     def run(contexts, **kw):
         model = kw.pop("model", ll.personalized)
         return {c: L.pick_and_draw(ll, model, c, lab.seeds, SEED, STEPS, CFG, **kw) for c in contexts}
+    return ref, inv_p, inv_v, run
+
+
+def exp_pnd(lab: Lab):
+    L, ll = lab.L, lab.lab
+    ref, inv_p, inv_v, run = pnd_setup(lab)
+    eta = ETA_DEFAULT
 
     t0 = time.time()
     conds = {
@@ -254,14 +262,8 @@ def localisation(lab: Lab) -> str:
 
 def exp_pnd_sweep(lab: Lab):
     L, ll = lab.L, lab.lab
-    ref = L.subject_latents(4)[:1]
-    inv_p = L.invert(ll, ll.personalized, ref, "a photo of a sks dog", STEPS)
-    inv_v = L.invert(ll, ll.vanilla, ref, "a photo of a dog", STEPS)
+    ref, inv_p, inv_v, run = pnd_setup(lab)
     eta = ETA_DEFAULT
-
-    def run(contexts, **kw):
-        model = kw.pop("model", ll.personalized)
-        return {c: L.pick_and_draw(ll, model, c, lab.seeds, SEED, STEPS, CFG, **kw) for c in contexts}
 
     sweep_ctx = ["snow"]
     sweeps = {}
@@ -292,7 +294,7 @@ def exp_pnd_sweep(lab: Lab):
     lab.save("pnd_sweep", md, verdicts)
 
 
-ETA_DEFAULT = 0.1
+ETA_DEFAULT = 0.1      # the node's default when the main table was measured (now 0.3, from the sweep)
 
 
 # --- 3. Layout-and-Retouch -------------------------------------------------------------------------------
@@ -337,8 +339,9 @@ def exp_lnr(lab: Lab):
              for k, v in stage1.items()]
     pics += [("stage 1 + 2", s2["snow"], L.score(s2["snow"], 2)["mask"])]
 
-    base, s1, full = rows[f"stage 1, λ1 0 (= personalized baseline)"], rows[[k for k in rows if k.startswith(f"stage 1, λ1 {l1}")][0]], \
-        rows[[k for k in rows if "stage 2" in k][0]]
+    base = rows["stage 1, λ1 0 (= personalized baseline)"]
+    s1 = rows[f"stage 1, λ1 {l1}"]
+    full = next(m for k, m in rows.items() if "stage 2" in k)
     se = lambda m, k: L.mean_se(m[k])
     verdicts = [
         verdict(f"L&R stage 1 (λ1 {l1}): the prompt's context restored",

@@ -305,7 +305,8 @@ def save_grid(path: pathlib.Path, rows: list[tuple[str, torch.Tensor, torch.Tens
         for c in range(pics.shape[0]):
             arr = (pics[c].permute(1, 2, 0).numpy() * 255).astype("uint8")
             img.paste(Image.fromarray(arr), (label_w + c * (tile + pad), r * (tile + pad)))
-        draw.text((2, r * (tile + pad) + tile // 2 - 6), label[:24], fill=(0, 0, 0))
+        # the default bitmap font has no glyphs beyond ASCII (e.g. "⁻", "§")
+        draw.text((2, r * (tile + pad) + tile // 2 - 6), label.encode("ascii", "replace").decode()[:24], fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
 
