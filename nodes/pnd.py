@@ -86,8 +86,7 @@ class UREMDGuidance(io.ComfyNode):
                                         "latent on SD1.x (P&D's 32×32 at 512², Table 2), 1/4 on SDXL. " + RULE_HELP),
                 *_window_inputs(APPEARANCE_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9; the paper gives no value). α/β of "
-                                       "1/0.3, 1/1 and 1/3 measured alike." + host.TOY_TUNED),
+                               tooltip="α: weight of ℓ_app against ℓ_lay (Eq. 9)." + host.UNTUNED),
             ],
             outputs=[Appearance.Output(display_name="appearance")],
         )
@@ -149,8 +148,7 @@ class LayoutGuidance(io.ComfyNode):
                                         "separately. " + RULE_HELP),
                 *_window_inputs(LAYOUT_WINDOW),
                 io.Float.Input("weight", default=1.0, min=0.0, max=100.0, step=0.1,
-                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9; the paper gives no value). α/β of "
-                                       "1/0.3, 1/1 and 1/3 measured alike." + host.TOY_TUNED),
+                               tooltip="β: weight of ℓ_lay against ℓ_app (Eq. 9)." + host.UNTUNED),
                 io.Int.Input("kernel_size", default=3, min=1, max=15, step=2,
                              tooltip="Gaussian smoothing G of the maps (Attend-and-Excite's default; P&D gives none)."),
                 io.Float.Input("smooth_sigma", default=0.5, min=0.05, max=10.0, step=0.05,

@@ -405,10 +405,10 @@ def exp_lnr_sweep(lab: Lab):
     options = L.swap_options(ll)
     pin_note = ("MultiSourceAttnSwap of this version has no pinned / free-running input: that comparison is skipped "
                 "(rerun `--only lnr_sweep` once the node has it)." if not options else "")
-    for key, values in options.items():
-        for value in values:
-            outs = stage2(sweep_ctx, **{key: value})
-            sweeps[f"{key} = {value}"] = with_iou(lab.metrics(outs), outs)
+    # both source paths set alike: all pinned (MasaCtrl / DreamMatcher) vs all free-running (Algorithm 1 literally)
+    for value in (next(iter(options.values())) if options else []):
+        outs = stage2(sweep_ctx, **{key: value for key in options})
+        sweeps[f"{' and '.join(options)} = {value}"] = with_iou(lab.metrics(outs), outs)
     md = f"""### Layout-and-Retouch sweeps: λ2 and the source paths (snow, {lab.seeds} seeds each, λ1 = {l1}; the paper's
 λ2 = 10 of 50 is 5 of {STEPS}, in the main table)
 

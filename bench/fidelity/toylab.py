@@ -375,18 +375,12 @@ def step_blend(lab, context, batch, seed, steps, cfg, lambda1):
 
 
 def swap_options(lab) -> dict[str, list]:
-    """The pinned / free-running source-path input of MultiSourceAttnSwap, if this version of the node has one:
-    ``{input id: [values to compare]}`` (empty when absent)."""
+    """The pinned / free-running source-path inputs of MultiSourceAttnSwap, if this version of the node has them
+    (combos with a 'pinned' option, e.g. reference_path / layout_path): ``{input id: options}``, empty when absent."""
     from comfy_api.latest import io
     schema = lab.nodes.lnr.MultiSourceAttnSwap.define_schema()
-    found = {}
-    for inp in schema.inputs:
-        if any(k in inp.id.lower() for k in ("pin", "free", "source_path")):
-            if isinstance(inp, io.Boolean.Input):
-                found[inp.id] = [True, False]
-            elif isinstance(inp, io.Combo.Input):
-                found[inp.id] = list(inp.options)
-    return found
+    return {inp.id: list(inp.options) for inp in schema.inputs
+            if isinstance(inp, io.Combo.Input) and any("pin" in str(o).lower() for o in inp.options)}
 
 
 def retouch(lab, context, stage1, reference, steps, cfg, lambda2=-1, blend_start=-1, masks=None, **extra):
