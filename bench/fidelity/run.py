@@ -566,9 +566,9 @@ def assemble(cache: pathlib.Path, target: pathlib.Path):
              "| claim | verdict | numbers |", "|---|---|---|"]
     table += [f"| {c} | **{v}** | {n} |" for c, v, n in verdicts]
     text = HEADER + "\n" + "\n".join(table) + "\n\n" + "\n".join(parts) + "\n" + DEFAULTS
-    text += ("\n---\nWall time per part (s, one thread on a CPU shared with other jobs, 2-3x slower than idle): "
+    text += ("\n---\nWall time per part of the last run of each (s, one thread, a 2-core CPU shared with other jobs): "
              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {sum(times.values()):.0f} s, plus "
-             "about 2 min (idle CPU ~40 s) once to fine-tune the cached baseline. `--quick` (8 seeds): about 5 min.\n")
+             "about 2 min (idle CPU ~40 s) once to fine-tune the cached baseline. `--quick` (8 seeds): about 2-5 min.\n")
     target.write_text(text)
 
 
