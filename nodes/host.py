@@ -14,6 +14,7 @@ from ..attention.tokens import Token, embedding_names, word_positions
 WRAPPER_KEY = "comfyui_personalize"
 PIXELS_PER_LATENT = 8   # the SD1.x / SD2.x / SDXL VAEs
 UNTUNED = " Untuned starting point: no paper gives a value."
+TOY_TUNED = " Tuned on the toy world (bench/FIDELITY.md); an untested starting point on real models."
 
 
 def unet_layers(model) -> list[AttnLayer]:
