@@ -90,12 +90,21 @@ class ToyVAE:
     Latent channel k (model space) fills quadrant (k // 2, k % 2) of every 8×8 pixel block, all three
     colours, through the affine map v ↦ 0.5 + v / (2·RANGE); encoding averages the quadrant back. Exactly
     invertible (up to float rounding) for model-space values within ±RANGE, which every world latent is.
-    It answers what the pack's nodes call on a VAE: ``encode``, ``decode``, the compression ratios.
+    It answers what the pack's nodes call on a VAE: ``encode``, ``decode``, the compression ratios, and a
+    ``patcher`` (the host's ModelPatcher over a module holding RANGE, so PALP can fingerprint it).
     """
 
     RANGE = 4.0
     downscale_ratio = upscale_ratio = 8
     latent_channels = 4
+
+    def __init__(self):
+        import comfy.model_patcher
+
+        module = torch.nn.Module()
+        module.register_buffer("range", torch.tensor([self.RANGE]))
+        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=torch.device("cpu"),
+                                                        offload_device=torch.device("cpu"))
 
     def spacial_compression_encode(self):
         return 8
