@@ -62,15 +62,23 @@ def _needs_alias(tensor) -> bool:
     return type(tensor) in (torch.Tensor, torch.nn.Parameter) and (tensor.is_inference() or tensor.requires_grad)
 
 
+_HELD = set()  # ids of the modules an enclosing readable_weights block holds: nested blocks skip them
+
+
 @contextlib.contextmanager
 def readable_weights(modules):
     """Inside, the modules' inference (or grad-requiring) parameters and buffers are aliases: plain
     tensors over the same memory that autograd may save, and that never receive a gradient.
 
-    Held only for one pass (the host may move weights between passes); a graph built inside keeps
-    the aliases, so its backward may run after the block.
+    Held for one pass (the host may move weights between passes, e.g. when a text encoder is loaded), or
+    around a whole loop that loads no other model on its way (null-text inversion): the gradient passes
+    inside then skip their own swap (two walks over every parameter per pass, Python time that showed on
+    a small UNet), and the passes without gradient read the same memory, with the same result bit for
+    bit. A graph built inside keeps the aliases, so its backward may run after the block.
     """
+    modules = [m for m in modules if id(m) not in _HELD]
     swapped = []
+    _HELD.update(id(m) for m in modules)
     try:
         for module in modules:
             for sub in module.modules():
@@ -83,6 +91,7 @@ def readable_weights(modules):
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+        _HELD.difference_update(id(m) for m in modules)
 
 
 class _ReadableInference(torch.overrides.TorchFunctionMode):
@@ -209,12 +218,21 @@ def gradient_model(model, compute_dtype=None):
     the model computes in half precision.
     """
     patched = model.clone()
-    if compute_dtype is not None:
+    if compute_dtype is not None and not _computes_in(model, compute_dtype):
         patched.set_model_compute_dtype(compute_dtype)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY,
                                  functools.partial(_gradient_pass, upcast=compute_dtype is None))
     return patched
+
+
+def _computes_in(model, dtype) -> bool:
+    """The model already computes in ``dtype`` without a manual cast: weights stored in it, none cast.
+
+    ``set_model_compute_dtype`` would then only force the host's cast path on every layer
+    (``cast_bias_weight`` per forward, a no-op cast here) and cost time, with the same result bit for bit.
+    """
+    return model.get_model_object("manual_cast_dtype") is None and model.model_dtype() == dtype
 
 
 def _detached(weight):
