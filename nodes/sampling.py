@@ -14,11 +14,14 @@ gets gradients; the caller's weights are read where they lie:
   tensors, which autograd refuses to save for backward. For the span of each gradient pass the UNet's
   (and any ControlNet's) inference parameters are swapped for plain tensors over the same memory
   (:func:`readable_weights`): no copy, no ``requires_grad``, so nothing flows back to them and a pass
-  without gradient runs the model untouched.
+  without gradient runs the model untouched. A loop that loads no other model on its way (null-text
+  inversion) holds the aliases for the whole loop instead; its passes without gradient then read the
+  same memory through them, with the same result bit for bit.
 - Precision: a gradient pass computes in fp32 whatever the weights' dtype (the host's manual cast,
   host notes §3.3): P&D's per-element gradients (~1e-5–1e-6) are subnormal or zero in fp16, and
   bf16 keeps 8 bits of the direction. A clone given an explicit ``compute_dtype`` computes every
-  pass in it instead (NTI: fp32; PALP: its ``precision``).
+  pass in it instead (NTI: fp32; PALP: its ``precision``); a model that already computes in it is left
+  as it is (the host's forced per-layer cast would only cost time).
 - Attention: a kernel without a backward (flash attention, SageAttention, xformers) is replaced by
   the host's PyTorch attention for gradient passes, through the host's
   ``optimized_attention_override``; a kernel that still returns a cut graph is refused by name.
