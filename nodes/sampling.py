@@ -55,9 +55,11 @@ NO_BACKWARD = ("Attention returned no gradient (another node's attention overrid
 
 
 def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal tensor over ``tensor``'s memory: no copy, outside any graph (``requires_grad`` False)."""
-    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    """A normal tensor over ``tensor``'s memory: no copy, outside any graph (``requires_grad`` False), also
+    when made inside inference mode."""
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _needs_alias(tensor) -> bool:
