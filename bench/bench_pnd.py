@@ -60,12 +60,18 @@ def main():
         return inv.NullTextInvert.execute(model, clip, "a photo of a sks dog", "ddim", args.steps, "ddim_uniform", 7.5,
                                           10, 1e-2, 1e-5, "", latent={"samples": reference}, reconstruct=False).args[0]
 
-    def prepare(inversion, schedule=sigmas):
+    def terms(inversion, schedule=sigmas):
         appearance = pnd.UREMDGuidance.execute(model, inversion, clip, "sks dog", 0.5, "auto", *APPEARANCE_WINDOW,
                                                1.0).args[0]
         layout = pnd.LayoutGuidance.execute(model, clip, TEMPLATE, "dog", tpos, neg, 7.5, noise, schedule,
                                             {"samples": latent}, "cross", *LAYOUT_WINDOW, 1.0, 3, 0.5).args[0]
+        return {"appearance": appearance, "layout": layout}
+
+    def sampler_for(appearance=None, layout=None):
         return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout).args
+
+    def prepare(inversion):
+        return sampler_for(**terms(inversion))
 
     with torch.inference_mode():
         inversion = invert()
@@ -102,7 +108,7 @@ def main():
     if "memory" in args.measure:
         from memory import PeakMemory                              # tests/host (on the path: common.load)
         with torch.inference_mode():
-            prepared, sampler = prepare(inversion)
+            made = terms(inversion)
         peaks = {}
         sampling = model.get_model_object("model_sampling")
         windows = {"layout": LAYOUT_WINDOW, "appearance": APPEARANCE_WINDOW}
@@ -110,6 +116,10 @@ def main():
             # the window's first step: σ ≤ the window start's, as the nodes place their windows
             k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(windows[window][0]))
             step = sigmas[k:k + 2]
+            # only the window's own term: the sampler refuses a term whose window holds no step of the run (the
+            # other term is inactive at this step, so the step computes the same)
+            with torch.inference_mode():
+                prepared, sampler = sampler_for(**{window: made[window]})
             for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
                 if args.memory_warmup:
                     run()                                          # loads the model: not part of a step
