@@ -67,9 +67,11 @@ def main():
                                             {"samples": latent}, "cross", *LAYOUT_WINDOW, 1.0, 3, 0.5).args[0]
         return {"appearance": appearance, "layout": layout}
 
-    def prepare(inversion, schedule=sigmas, only=None):
-        chosen = {k: v for k, v in terms(inversion, schedule).items() if only in (None, k)}
-        return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, **chosen).args
+    def sampler_for(appearance=None, layout=None):
+        return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout).args
+
+    def prepare(inversion):
+        return sampler_for(**terms(inversion))
 
     with torch.inference_mode():
         inversion = invert()
@@ -105,6 +107,8 @@ def main():
             rows.append({"what": label, "values": [lo, med], "goal": goal})
     if "memory" in args.measure:
         from memory import PeakMemory                              # tests/host (on the path: common.load)
+        with torch.inference_mode():
+            made = terms(inversion)
         peaks = {}
         sampling = model.get_model_object("model_sampling")
         windows = {"layout": LAYOUT_WINDOW, "appearance": APPEARANCE_WINDOW}
@@ -112,9 +116,10 @@ def main():
             # the window's first step: σ ≤ the window start's, as the nodes place their windows
             k = next(i for i, s in enumerate(sigmas) if s <= sampling.percent_to_sigma(windows[window][0]))
             step = sigmas[k:k + 2]
-            # a one-step run holds only this window's step: the sampler refuses a term active on none
+            # only the window's own term: the sampler refuses a term whose window holds no step of the run (the
+            # other term is inactive at this step, so the step computes the same)
             with torch.inference_mode():
-                prepared, sampler = prepare(inversion, only=window)
+                prepared, sampler = sampler_for(**{window: made[window]})
             for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
                 if args.memory_warmup:
                     run()                                          # loads the model: not part of a step

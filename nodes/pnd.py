@@ -15,7 +15,7 @@ from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
 from .inversion import InversionType, require_same_model
-from .sampling import Loop, grad_enabled, gradient_model, run_loop
+from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
@@ -254,7 +254,9 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         logging.warning(f"Pick-and-Draw: step {i}: the guidance gradient was not finite for batch items "
                         f"{skipped.nonzero().flatten().tolist()}; their guidance step was skipped.")
 
-    return sample_guided(loop.cfg_denoise, x, sigmas, guidance_grad, eta, normalise, callback, on_skip)
+    # the loop loads no other model: the UNet's weights are made readable once, not per gradient pass
+    with readable_weights([loop.base_model.diffusion_model]):
+        return sample_guided(loop.cfg_denoise, x, sigmas, guidance_grad, eta, normalise, callback, on_skip)
 
 
 class PickAndDrawSampler(io.ComfyNode):

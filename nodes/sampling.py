@@ -14,11 +14,14 @@ gets gradients; the caller's weights are read where they lie:
   tensors, which autograd refuses to save for backward. For the span of each gradient pass the UNet's
   (and any ControlNet's) inference parameters are swapped for plain tensors over the same memory
   (:func:`readable_weights`): no copy, no ``requires_grad``, so nothing flows back to them and a pass
-  without gradient runs the model untouched.
+  without gradient runs the model untouched. A loop that loads no other model on its way (null-text
+  inversion) holds the aliases for the whole loop instead; its passes without gradient then read the
+  same memory through them, with the same result bit for bit.
 - Precision: a gradient pass computes in fp32 whatever the weights' dtype (the host's manual cast,
   host notes §3.3): P&D's per-element gradients (~1e-5–1e-6) are subnormal or zero in fp16, and
   bf16 keeps 8 bits of the direction. A clone given an explicit ``compute_dtype`` computes every
-  pass in it instead (NTI: fp32; PALP: its ``precision``).
+  pass in it instead (NTI: fp32; PALP: its ``precision``); a model that already computes in it is left
+  as it is (the host's forced per-layer cast would only cost time).
 - Attention: a kernel without a backward (flash attention, SageAttention, xformers) is replaced by
   the host's PyTorch attention for gradient passes, through the host's
   ``optimized_attention_override``; a kernel that still returns a cut graph is refused by name.
@@ -52,9 +55,11 @@ NO_BACKWARD = ("Attention returned no gradient (another node's attention overrid
 
 
 def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal tensor over ``tensor``'s memory: no copy, outside any graph (``requires_grad`` False)."""
-    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    """A normal tensor over ``tensor``'s memory: no copy, outside any graph (``requires_grad`` False), also
+    when made inside inference mode."""
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _needs_alias(tensor) -> bool:
@@ -62,15 +67,23 @@ def _needs_alias(tensor) -> bool:
     return type(tensor) in (torch.Tensor, torch.nn.Parameter) and (tensor.is_inference() or tensor.requires_grad)
 
 
+_HELD = set()  # ids of the modules an enclosing readable_weights block holds: nested blocks skip them
+
+
 @contextlib.contextmanager
 def readable_weights(modules):
     """Inside, the modules' inference (or grad-requiring) parameters and buffers are aliases: plain
     tensors over the same memory that autograd may save, and that never receive a gradient.
 
-    Held only for one pass (the host may move weights between passes); a graph built inside keeps
-    the aliases, so its backward may run after the block.
+    Held for one pass (the host may move weights between passes, e.g. when a text encoder is loaded), or
+    around a whole loop that loads no other model on its way (null-text inversion): the gradient passes
+    inside then skip their own swap (two walks over every parameter per pass, Python time that showed on
+    a small UNet), and the passes without gradient read the same memory, with the same result bit for
+    bit. A graph built inside keeps the aliases, so its backward may run after the block.
     """
+    modules = [m for m in modules if id(m) not in _HELD]
     swapped = []
+    _HELD.update(id(m) for m in modules)
     try:
         for module in modules:
             for sub in module.modules():
@@ -83,6 +96,7 @@ def readable_weights(modules):
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+        _HELD.difference_update(id(m) for m in modules)
 
 
 class _ReadableInference(torch.overrides.TorchFunctionMode):
@@ -209,12 +223,21 @@ def gradient_model(model, compute_dtype=None):
     the model computes in half precision.
     """
     patched = model.clone()
-    if compute_dtype is not None:
+    if compute_dtype is not None and not _computes_in(model, compute_dtype):
         patched.set_model_compute_dtype(compute_dtype)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY,
                                  functools.partial(_gradient_pass, upcast=compute_dtype is None))
     return patched
+
+
+def _computes_in(model, dtype) -> bool:
+    """The model already computes in ``dtype`` without a manual cast: weights stored in it, none cast.
+
+    ``set_model_compute_dtype`` would then only force the host's cast path on every layer
+    (``cast_bias_weight`` per forward, a no-op cast here) and cost time, with the same result bit for bit.
+    """
+    return model.get_model_object("manual_cast_dtype") is None and model.model_dtype() == dtype
 
 
 def _detached(weight):

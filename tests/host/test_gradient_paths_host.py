@@ -264,6 +264,39 @@ def test_passes_without_gradient_are_the_models_own_bit_for_bit(env):
     assert torch.equal(out[0], out[1])
 
 
+def test_a_compute_dtype_the_model_already_computes_in_adds_no_cast(env):
+    """NullTextInvert's fp32 worker on an fp32 model: the host's layers run as loaded (no forced per-layer cast,
+    which costs time for a no-op), and its passes are the model's own, bit for bit."""
+    import comfy.sample
+    assert env.model.model_dtype() == torch.float32
+    worker = env.sampling.gradient_model(env.model, torch.float32)
+    assert not worker.force_cast_weights and "manual_cast_dtype" not in worker.object_patches
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = [comfy.sample.sample(m, noise, 4, 7.5, "euler", "normal", encode(env, PROMPT), encode(env, ""),
+                                   torch.zeros(1, 4, 16, 16), disable_pbar=True) for m in (env.model, worker)]
+        assert torch.equal(out[0], out[1])
+        half = env.sampling.gradient_model(env.model, torch.float16)
+    assert half.force_cast_weights and half.object_patches["manual_cast_dtype"] == torch.float16
+
+
+def test_weights_held_readable_for_a_loop_are_aliases_also_under_inference_mode(env):
+    """A loop's hold (P&D's sampler, null-text inversion) is entered in the executor's inference mode: the
+    weights inside are plain tensors over the loaded memory, a nested per-pass block keeps them, and on exit
+    the loaded tensors themselves are back."""
+    unet = env.model.model.diffusion_model
+    with torch.inference_mode():
+        loaded = {n: p for n, p in unet.named_parameters()}
+        assert all(p.is_inference() for p in loaded.values())
+        with env.sampling.readable_weights([unet]):
+            held = {n: p for n, p in unet.named_parameters()}
+            assert not any(p.is_inference() or p.requires_grad for p in held.values())
+            assert all(held[n].data_ptr() == loaded[n].data_ptr() for n in loaded)
+            with env.sampling.readable_weights([unet]):
+                assert all(p is held[n] for n, p in unet.named_parameters())
+        assert all(p is loaded[n] for n, p in unet.named_parameters())
+
+
 # --- 2. half precision: the same direction as fp32 ------------------------------------------------------
 
 
