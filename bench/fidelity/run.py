@@ -524,7 +524,7 @@ DEFAULTS = """## 5. Defaults set from the sweeps (tooltips say "tuned on the toy
 |---|---|---|---|
 | Pick-and-Draw Sampler `eta` | 0.1 | **0.3** | vanilla + appearance: cos to the subject −0.35 (none) → −0.32 (0.1) → −0.22 (0.3) with context 1.00; at 1.0 the context is lost (0.00). On the fine-tuned baseline 0.3 costs some identity (cos 0.89) — its maps do not localise (§2). |
 | UREMD `tau` | 0.5 | **0.3** | cos −0.21 (0.3) vs −0.22 (0.5) vs −0.31 (0.7), layout kept slightly better at 0.3 (IoU 0.41 vs 0.35); 0.3 and 0.5 are equal within error. |
-| UREMD `weight` α / Layout `weight` β | 1 / 1 | 1 / 1 | 1/0.3, 1/1, 1/3 alike (cos 0.99, 0.99, 0.96); kept, tooltip says so. |
+| UREMD `weight` α / Layout `weight` β | 1 / 1 | 1 / 1 | each term's step is now scaled by its weight: β 0.3 / 1 / 3 gave cos 1.00 / 0.99 / 0.86 and position spread 1.11 / 1.81 / 3.08 px (η 0.1); no setting improved both, so 1 / 1 is kept, untuned. |
 | PALP `alignment_weight` | 1 | 1 | 0.3 and 1 both give context 1.00 on the target and cos −0.26 / −0.28; kept. |
 | PALP `alpha` / `beta` | 7.5 / 1 | **15 / 7.5** | at weight 1: context 1.00 both, identity cos −0.28 (7.5/1) vs −0.08 (15/7.5), the best of all PALP runs (plain LoRA + token: −0.16); costs one more UNet pass per step. |
 
@@ -544,9 +544,10 @@ claim in this world, so no value of it is "tuned"); P&D's windows stay Fig. 8's.
   and a window from 0 moved it further but cost the context (probe: cos 0.22, context 0.33, η 0.3, window [0, 0.4)).
 - **L&R stage 2 (identity up, IoU ≥ 0.8 with stage 1):** self-attention K/V from the reference carry little colour
   in this UNet (2 heads, 32–64 channels; colour comes from the class word through cross-attention), and the oracle
-  mask of a 16×16 layout, used as MASK, is coarse; the retouch moves the object (IoU 0.44; 0.55–0.58 in snow
-  for every λ2). λ2 barely matters (snow: cos 0.79–0.86 for λ2 10…0, within two standard errors). Partly world (identity = colour, tiny UNet), partly open: the
-  pinned source paths (helper "fidelity") were not in this branch's node; rerun `--only lnr_sweep` after the merge.
+  mask of a 16×16 layout, used as MASK, is coarse; the retouch moves the object (IoU 0.49; 0.58–0.69 in snow
+  for every λ2). λ2 barely matters (snow: cos 0.79–0.86 for λ2 10…0, within two standard errors). Partly world (identity = colour, tiny UNet). Pinning
+  the source paths to their inversions (the default) keeps stage 1's layout better than free-running (IoU vs stage 1
+  0.66 vs 0.56 in snow) at equal identity (cos 0.82 vs 0.80), which is why pinned stays the default.
 - **PALP identity:** LoRA rank 4 on the attention projections + the token, 300 steps, does not learn the subject's
   colour in this world for either training (plain −0.16, PALP −0.08…−0.28 cos, identity 0.00); the margin claim is
   met only at α 15 / β 7.5. With a 0-layer CLIP the token reaches only its own position (caveat 4).
