@@ -261,14 +261,15 @@ class MultiSourceAttnSwap(io.ComfyNode):
                 if step > lambda2 and x_tgt is None:
                     x_tgt = x_lay
                 recording = store is not None and i < blend_start - 1
+                # the mask is built before any skip: a blend start ≤ λ2 falls on a step that may need no pass
+                if step == blend_start and blend:
+                    used = blend_mask()
+                    state.set_mask(used)
                 if x_tgt is None and pin_ref and pin_lay and not recording:
                     x_ref, x_lay = ref_traj[i + 1], lay_traj[i + 1]
                     preview(i, lay_traj[-1], x_lay, steps)
                     continue
                 state.swap = x_tgt is not None and bool(swap)
-                if step == blend_start and blend:
-                    used = blend_mask()
-                    state.set_mask(used)
                 x_in = torch.cat([x_ref, x_lay] + ([x_tgt] if x_tgt is not None else []))
                 denoised = loop.cfg_denoise(x_in, sigmas[i])
                 x_next = x_in + (x_in - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])

@@ -190,6 +190,14 @@ def test_pinned_paths_follow_their_inversion_trajectories_and_free_ones_drift(en
     assert free_ref > 1e-2 and free_lay > 1e-2, "an empty-prompt inversion replayed at CFG 7.5 drifts"
 
 
+def test_a_blend_start_at_or_before_lambda2_still_builds_the_mask_with_pinned_paths(env):
+    """With both paths pinned, steps ≤ λ2 need no pass; the blend start's step must still build M (it was
+    skipped, leaving an all-zero mask and no blend, silently, on default settings)."""
+    for paths in (("pinned", "pinned"), FREE):
+        _, used = stage2(env, lambda2=4, blend_start=3, words="dog", paths=paths)
+        assert used.max() >= 0.5, f"{paths}: the mask was never built (max {used.max():.3f})"
+
+
 def test_pinned_layout_with_lambda2_at_the_step_count_returns_the_layout_image(env):
     out, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1)
     free, _ = stage2(env, lambda2=STEPS, blend_start=STEPS + 1, paths=FREE)
