@@ -100,12 +100,13 @@ class AppearanceTerm(_Term):
         per_layer = []
         for key in self.layers:
             feats, maps = live.features[key], live.maps[key]
+            palette = ref[key].to(feats.device)     # stored on the offload device: moved once per layer, not per item
             items = []
             for b in range(feats.shape[0]):
                 generated = masked_vectors(feats[b].flatten(0, 1), maps[b, 0] >= self.tau)
                 if generated.shape[0] == 0 and on_empty is not None:
                     on_empty(key, b)
-                items.append(uremd_loss(ref[key], generated))
+                items.append(uremd_loss(palette, generated))
             per_layer.append(torch.stack(items))
         return torch.stack(per_layer).mean(0)
 

@@ -469,7 +469,7 @@ class NullTextInvert(io.ComfyNode):
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
         # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); gradient passes read
-        # the loaded weights, and ddim mode's passes (no gradient) are the model's own (sampling.gradient_model)
+        # the loaded weights in place, and no pass copies them (sampling.gradient_model)
         worker = gradient_model(model, torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,

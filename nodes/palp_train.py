@@ -70,8 +70,8 @@ class LoRAProjection:
     computed in fp32 with the branch added and rounded once to the compute dtype; the exact output lies
     anywhere between bf16 values, so the rounding dithers and, averaged over the outputs, the change equals
     the branch from the first step (Eq. 1's loss moves in bf16 as in fp32). The base projection runs
-    through the host op's own casting (weight patches and wrappers: the fresh copies, other LoRAs, fp8
-    scales); in fp32 this is exactly the merged (W + ΔW) x. Costs fp32 matmuls in these projections.
+    through the host op's own casting (weight patches and wrappers: other LoRAs, fp8 scales; the loaded
+    weights read in place through ``sampling.gradient_model``'s aliases); in fp32 this is exactly the merged (W + ΔW) x. Costs fp32 matmuls in these projections.
     """
 
     def __init__(self, module: torch.nn.Module, adapter: LoRAAdapter):

@@ -15,7 +15,7 @@ gets gradients; the caller's weights are read where they lie:
   (and any ControlNet's) inference parameters are swapped for plain tensors over the same memory
   (:func:`readable_weights`): no copy, no ``requires_grad``, so nothing flows back to them and a pass
   without gradient runs the model untouched. A loop that loads no other model on its way (null-text
-  inversion) holds the aliases for the whole loop instead; its passes without gradient then read the
+  inversion, the Pick-and-Draw sampler) holds the aliases for the whole loop instead; its passes without gradient then read the
   same memory through them, with the same result bit for bit.
 - Precision: a gradient pass computes in fp32 whatever the weights' dtype (the host's manual cast,
   host notes §3.3): P&D's per-element gradients (~1e-5–1e-6) are subnormal or zero in fp16, and
@@ -36,6 +36,7 @@ import functools
 
 import torch
 
+import comfy.conds
 import comfy.ldm.modules.attention as host_attention
 import comfy.model_management
 import comfy.ops
@@ -76,10 +77,10 @@ def readable_weights(modules):
     tensors over the same memory that autograd may save, and that never receive a gradient.
 
     Held for one pass (the host may move weights between passes, e.g. when a text encoder is loaded), or
-    around a whole loop that loads no other model on its way (null-text inversion): the gradient passes
-    inside then skip their own swap (two walks over every parameter per pass, Python time that showed on
-    a small UNet), and the passes without gradient read the same memory, with the same result bit for
-    bit. A graph built inside keeps the aliases, so its backward may run after the block.
+    around a whole loop that loads no other model on its way (null-text inversion, the P&D sampler): the
+    gradient passes inside then skip their own swap (two walks over every parameter per pass, Python time
+    that showed on a small UNet), and the passes without gradient read the same memory, with the same
+    result bit for bit. A graph built inside keeps the aliases, so its backward may run after the block.
     """
     modules = [m for m in modules if id(m) not in _HELD]
     swapped = []
@@ -215,8 +216,8 @@ def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast
 
 
 def gradient_model(model, compute_dtype=None):
-    """A clone of a MODEL ready for gradient passes (this module's docstring); passes without gradient are
-    the model's own, bit for bit.
+    """A clone of a MODEL ready for gradient passes (this module's docstring); passes without gradient read
+    the model's own weights with no copy (bit for bit the model's own result unless ``compute_dtype`` is given).
 
     ``compute_dtype`` makes every pass compute in that dtype (e.g. fp32 for null-text inversion, whose small
     optimisation steps vanish in fp16); without it only gradient passes compute in fp32, and only when
@@ -292,9 +293,9 @@ def _with_context(model, cond: dict, x: torch.Tensor, branch: str, context: torc
     (PALP's y_P branches). Every other input (e.g. an inpainting model's concat) stays as processed.
     Without ``pooled`` the entry's own pooled vector stays (null-text inversion optimises only the context).
     """
-    entry = {**cond, "cross_attn": context}
-    if pooled is not None:
-        entry["pooled_output"] = pooled
+    if pooled is None:      # only the context changes (null-text inversion, every inner step): no re-encoding
+        return {**cond, "model_conds": {**cond["model_conds"], "c_crossattn": comfy.conds.CONDCrossAttn(context)}}
+    entry = {**cond, "cross_attn": context, "pooled_output": pooled}
     encoded = comfy.samplers.encode_model_conds(model.extra_conds, [entry], x, x.device, branch)[0]["model_conds"]
     prompt_inputs = {k: encoded[k] for k in ("c_crossattn", "y") if k in encoded}
     return {**cond, "model_conds": {**cond["model_conds"], **prompt_inputs}}
