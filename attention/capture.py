@@ -38,6 +38,10 @@ def cross_attention_patch(layer: AttnLayer, store: AttentionStore, attention, pr
         store.put("maps", layer.key, to_grid(maps, height, width), extra_options)
         return output(q, k, v, extra_options, probs if store.is_live or q.requires_grad else None)
 
+    # gradient passes wrap other packs' patches against in-place writes (nodes/sampling.py); this one writes
+    # nothing in place, so only the patch it chains is wrapped, and what it saves for backward stays recomputable
+    patch.with_chained = lambda wrap: cross_attention_patch(layer, store, attention,
+                                                            None if previous is None else wrap(previous))
     return patch
 
 
@@ -59,4 +63,5 @@ def feature_patch(layers: list[AttnLayer], store: AttentionStore):
                       n.reshape(n.shape[0], height, width, n.shape[-1]), extra_options)
         return n, context, value
 
+    patch.with_chained = lambda wrap: patch     # chains nothing, writes nothing in place
     return patch

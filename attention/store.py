@@ -129,6 +129,8 @@ class AttentionStore:
 
     @contextlib.contextmanager
     def live(self):
+        """One forward pass's maps and features, in the graph; run its backward inside too (a checkpointed
+        block recomputes its patches in backward, and they must compute as they did in the forward)."""
         self._live = LiveCapture()
         try:
             yield self._live
@@ -161,7 +163,9 @@ class AttentionStore:
     def put(self, table: str, layer_key, values: torch.Tensor, extra_options: dict):
         """File one layer's maps or features of this forward pass (call only when ``active``)."""
         if self._live is not None:
-            getattr(self._live, table)[layer_key] = values
+            # the forward's tensors stay: gradient checkpointing recomputes each block in backward, patches
+            # included, and a recomputed map filed here would hold that recomputation's graph alive
+            getattr(self._live, table).setdefault(layer_key, values)
             return
         step = self._step(extra_options["sigmas"])
         branches = extra_options["cond_or_uncond"]

@@ -23,6 +23,7 @@ of each. Both start from the encoded latent (the VAE is not timed).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
@@ -122,6 +123,18 @@ def frozen_fp32_copy(unet):
     return clone
 
 
+@contextlib.contextmanager
+def computing_in(inv, dtype):
+    """NullTextInvert with its worker computing in ``dtype`` instead of fp32 (``gradient_model``'s compute
+    dtype: every UNet pass, gradient passes included, without the fp32 upcast); the null embedding stays fp32."""
+    original = inv.gradient_model
+    inv.gradient_model = lambda model, _fp32: original(model, dtype)
+    try:
+        yield
+    finally:
+        inv.gradient_model = original
+
+
 def psnr(a, b) -> float:
     import torch
     return (10 * torch.log10(1.0 / torch.mean((a.float() - b.float()) ** 2))).item()
@@ -131,6 +144,9 @@ def main():
     ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20])
     ap.add_argument("--inner", type=int, default=10, help="inner Adam iterations per step")
+    ap.add_argument("--compute-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                    help="the trial of issue 11 (GPU): our UNet passes computing in these dtypes instead of fp32, the "
+                         "null embedding and its optimiser staying fp32; each against ours in fp32, PSNR and time")
     args = ap.parse_args()
     start(args)
 
@@ -179,14 +195,33 @@ def main():
                                            torch.randn(samples.shape, generator=torch.Generator().manual_seed(0)),
                                            disable_pbar=True)
 
-        fns = {"ours": ours, "reference": theirs, "plain": plain}
+        def ours_in(dtype):
+            @synchronized(args.device)
+            def run():
+                with computing_in(inv, getattr(torch, dtype)), torch.inference_mode():
+                    out[dtype] = inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform",
+                                                            GUIDANCE, args.inner, 1e-2, 1e-5, "",
+                                                            latent={"samples": samples}).args[1]["samples"]
+            return run
+
+        fns = {"ours": ours, "reference": theirs, "plain": plain,
+               **{dtype: ours_in(dtype) for dtype in args.compute_dtypes if dtype != "float32"}}
         for fn in fns.values():
             fn()                                                    # warm-up
         t = timed(fns, args.repeats, clock(args.device, args.threads))
         with torch.inference_mode():
             ours_image = vae.decode(out["ours"])
             ref_image = vae.decode(model.model.process_latent_out(out["reference"].detach().cpu()))
+            trials = {dtype: psnr(vae.decode(out[dtype]), round_trip) for dtype in args.compute_dtypes if dtype in out}
         p_ours, p_ref = psnr(ours_image, round_trip), psnr(ref_image, round_trip)
+        for dtype, p_trial in trials.items():
+            speed = ratio_stats(t, dtype, "ours")
+            print(f"  trial: UNet passes in {dtype}: PSNR {p_trial:.3f} dB ({p_trial - p_ours:+.3f} vs fp32), time "
+                  f"{speed[0]:.3f}/{speed[1]:.3f} of fp32's (min/median)")
+            rows += [{"what": f"NTI trial, {steps} steps, UNet passes in {dtype}: PSNR − ours in fp32 (dB)",
+                      "values": [p_trial - p_ours], "goal": ">= -0.05", "note": f"{p_trial:.3f} dB"},
+                     {"what": f"NTI trial, {steps} steps, UNet passes in {dtype}: time / ours in fp32",
+                      "values": list(speed), "goal": ""}]
         vs_ref, to_plain, ref_to_plain = (ratio_stats(t, "ours", "reference"), ratio_stats(t, "ours", "plain"),
                                           ratio_stats(t, "reference", "plain"))
         print(f"{steps} steps: PSNR vs VAE round trip: ours {p_ours:.3f} dB, reference {p_ref:.3f} dB "

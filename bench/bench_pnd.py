@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
     ap.add_argument("--windows", nargs="+", choices=["layout", "appearance"], default=["layout", "appearance"],
                     help="whose first step the memory figure measures")
+    ap.add_argument("--checkpointing", nargs="+", type=lambda v: v == "on", default=[True, False],
+                    metavar="on|off", help="the sampler's gradient_checkpointing settings the memory figure measures")
     ap.add_argument("--no-memory-warmup", dest="memory_warmup", action="store_false",
                     help="measure each step's first run (saves time at SD1.5 size on a CPU)")
     args = ap.parse_args()
@@ -67,8 +69,9 @@ def main():
                                             {"samples": latent}, "cross", *LAYOUT_WINDOW, 1.0, 3, 0.5).args[0]
         return {"appearance": appearance, "layout": layout}
 
-    def sampler_for(appearance=None, layout=None):
-        return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout).args
+    def sampler_for(appearance=None, layout=None, checkpointing=True):
+        return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout,
+                                              gradient_checkpointing=checkpointing).args
 
     def prepare(inversion):
         return sampler_for(**terms(inversion))
@@ -118,20 +121,29 @@ def main():
             step = sigmas[k:k + 2]
             # only the window's own term: the sampler refuses a term whose window holds no step of the run (the
             # other term is inactive at this step, so the step computes the same)
-            with torch.inference_mode():
-                prepared, sampler = sampler_for(**{window: made[window]})
-            for name, run in (("plain", lambda: sample(model, euler, step)), ("guided", lambda: sample(prepared, sampler, step))):
+            runs = {"plain": lambda: sample(model, euler, step)}
+            for name, on in (("guided", True), ("guided, activations kept", False)):
+                if on in args.checkpointing:
+                    with torch.inference_mode():
+                        prepared, sampler = sampler_for(**{window: made[window]}, checkpointing=on)
+                    runs[name] = lambda prepared=prepared, sampler=sampler: sample(prepared, sampler, step)
+            for name, run in runs.items():
                 if args.memory_warmup:
                     run()                                          # loads the model: not part of a step
                 with torch.inference_mode(), PeakMemory(args.device) as meter:
                     run()
                 peaks[window, name] = meter.peak
-            ratio = peaks[window, "guided"] / peaks[window, "plain"]
-            print(f"peak memory of step {k} ({window} window): plain CFG {peaks[window, 'plain'] / 2**20:.1f} MiB, "
-                  f"P&D guided {peaks[window, 'guided'] / 2**20:.1f} MiB, ratio {ratio:.2f}x (goal <= 1.5x)")
-            rows.append({"what": f"P&D peak memory of one guided step ({window} window) / plain CFG step, "
-                                 f"{args.res}px", "values": [ratio], "goal": "<= 1.5",
-                         "note": f"{peaks[window, 'guided'] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
+            for name, goal in (("guided", "<= 1.5"), ("guided, activations kept", "")):
+                if (window, name) not in peaks:
+                    continue
+                ratio = peaks[window, name] / peaks[window, "plain"]
+                print(f"peak memory of step {k} ({window} window): plain CFG {peaks[window, 'plain'] / 2**20:.1f} MiB, "
+                      f"P&D {name} {peaks[window, name] / 2**20:.1f} MiB, ratio {ratio:.2f}x"
+                      + (f" (goal {goal}x)" if goal else ""))
+                label = "gradient checkpointing" if name == "guided" else "gradient_checkpointing off"
+                rows.append({"what": f"P&D peak memory of one guided step ({window} window, {label}) / plain CFG "
+                                     f"step, {args.res}px", "values": [ratio], "goal": goal,
+                             "note": f"{peaks[window, name] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
     emit(f"pnd {args.size} {args.device}", rows)
 
 

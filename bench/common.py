@@ -17,12 +17,7 @@ def load(device: str):
     """Load the host (CPU unless ``device`` is cuda) through the test harness, and this pack under a fixed name."""
     sys.path.insert(0, str(ROOT / "tests" / "host"))
     import harness
-    if device == "cpu":
-        harness.load_host(tempfile.mkdtemp(prefix="bench-host-"))
-    else:  # the harness pins --cpu; a GPU run loads the host itself
-        import os
-        sys.path.insert(0, os.environ["COMFYUI_PATH"])
-        import utils.extra_config  # noqa: F401  (before nodes: see host notes §8)
+    harness.load_host(tempfile.mkdtemp(prefix="bench-host-"), device=device)
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
         module = importlib.util.module_from_spec(spec)

@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/run_all.py                  # tiny model, CPU: ~10 min on 2 cores
     COMFYUI_PATH=/path/to/ComfyUI python bench/run_all.py --sd15           # + the SD1.5-size figures (CPU: slow)
-    COMFYUI_PATH=/path/to/ComfyUI python bench/run_all.py --device cuda --sd15
+    COMFYUI_PATH=/path/to/ComfyUI python bench/run_all.py --device cuda --sd15 --no-tiny   # bench/gpu_run.sh
     COMFYUI_PATH=/path/to/ComfyUI python bench/run_all.py --only nti pnd --repeats 5
 
 Each benchmark runs in its own process (``bench_*.py``; run one alone for its full options and output),
@@ -42,24 +42,31 @@ def jobs(args) -> list[tuple[str, list[str]]]:
         ("palp", ["bench_palp.py", *dev, "--measure", "time", *rep(3)]),                     # 64 px
         ("palp", ["bench_palp.py", *dev, "--measure", "memory", "--res", "256"]),            # deterministic
     ]
+    if args.tiny is False:
+        tiny = []
     if not args.sd15:
         return tiny
-    gpu = args.device == "cuda"
-    res = "512" if gpu else "256"
-    # on the CPU only what finishes in minutes: memory counts (deterministic) and the capture ratio
-    sd15 = [
-        ("capture", ["bench_capture.py", *dev, "--size", "sd15", "--steps", "20" if gpu else "4", "--res", res,
-                     "--threads", str(os.cpu_count()), *rep(3)]),
-        ("pnd", ["bench_pnd.py", *dev, "--size", "sd15", "--steps", "50" if gpu else "10", "--res", res,
-                 "--threads", str(os.cpu_count()), *rep(3 if gpu else 1),
-                 # CPU: ~9 min on 2 busy cores for the memory of one appearance step (no warm-up: the same counts)
-                 *([] if gpu else ["--measure", "memory", "--windows", "appearance", "--no-memory-warmup"])]),
-        ("palp", ["bench_palp.py", *dev, "--size", "sd15", "--res", res,
-                  *(["--measure", "time", "memory"] if gpu else ["--measure", "memory"]), *rep(3 if gpu else 1)]),
-    ]
-    if gpu:
-        sd15 += [("lnr", ["bench_lnr.py", *dev, "--size", "sd15", "--steps", "50", "--res", res, *rep(3)]),
-                 ("nti", ["bench_nti.py", *dev, "--size", "sd15", "--steps", "10", "20", "--res", res, *rep(2)])]
+    if args.device == "cuda":
+        # sized for one 15-minute GPU lease (~6 min in all on an H100/H200), most wanted first
+        sd15 = [
+            ("pnd", ["bench_pnd.py", *dev, "--size", "sd15", "--steps", "50", "--res", "512", *rep(2)]),
+            ("nti", ["bench_nti.py", *dev, "--size", "sd15", "--steps", "10", "--res", "512", *rep(1),
+                     "--compute-dtypes", "float32", "bfloat16", "float16"]),
+            ("palp", ["bench_palp.py", *dev, "--size", "sd15", "--res", "512", "--steps", "10",
+                      "--measure", "time", "memory", *rep(2)]),
+            ("lnr", ["bench_lnr.py", *dev, "--size", "sd15", "--steps", "50", "--res", "512", *rep(2)]),
+            ("capture", ["bench_capture.py", *dev, "--size", "sd15", "--steps", "20", "--res", "512", *rep(2)]),
+        ]
+    else:
+        # on the CPU only what finishes in minutes: memory counts (deterministic) and the capture ratio
+        threads = ["--threads", str(os.cpu_count())]
+        sd15 = [
+            ("capture", ["bench_capture.py", *dev, "--size", "sd15", "--steps", "4", "--res", "256", *threads, *rep(3)]),
+            # ~15 min on 2 busy cores: one layout and one appearance step (no warm-up: the same counts)
+            ("pnd", ["bench_pnd.py", *dev, "--size", "sd15", "--steps", "10", "--res", "256", *threads, *rep(1),
+                     "--measure", "memory", "--checkpointing", "on", "--no-memory-warmup"]),
+            ("palp", ["bench_palp.py", *dev, "--size", "sd15", "--res", "256", "--measure", "memory", *rep(1)]),
+        ]
     return tiny + [(name + " sd15", argv) for name, argv in sd15]
 
 
@@ -113,6 +120,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--sd15", action="store_true", help="also the SD1.5-size figures (random weights)")
+    ap.add_argument("--no-tiny", dest="tiny", action="store_false", help="skip the tiny-model figures")
     ap.add_argument("--only", nargs="+", choices=["capture", "nti", "pnd", "lnr", "palp"],
                     help="run only these benchmarks")
     ap.add_argument("--repeats", type=int, help="repeats of every benchmark (default: each one's own)")

@@ -15,11 +15,18 @@ everything inside a block is recomputed. Each block still runs through the host'
 blocks where ``_forward`` applies them, so outputs are bit-identical to the unwrapped forward.
 
 Patches inside a block (attention replaces, weight wrappers) run twice under gradient: once forward,
-once in backward's recomputation. The recomputation runs after the gradient pass has ended, so each
-block reads the loaded weights through ``sampling.readable_weights`` itself (no copy, no gradient).
+once in backward's recomputation. The recomputation may run after the gradient pass has ended, so each
+block re-enters the pass's own context for it (``sampling.RECOMPUTE_KEY``: the loaded weights read
+through ``sampling.readable_weights``, no copy, no gradient; fp32 compute on a half-precision model),
+and the recomputed block computes exactly what the first run did.
+
+A pass that needs only what some layers record (P&D's guidance gradient reads maps and features, never
+the UNet's output) may name the last block it needs (``STOP_AFTER_KEY``): the forward ends there and
+returns zeros as the (unused) output.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -30,9 +37,11 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
-from .sampling import readable_weights
+from .sampling import RECOMPUTE_KEY, readable_weights
 
 KEY = "comfyui-personalize.gradient_checkpointing"
+# transformer_options entry: ("input" | "middle" | "output", index) of the last block a pass needs
+STOP_AFTER_KEY = "comfyui-personalize.stop_after_block"
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +51,15 @@ def _block_function(block, options: dict, block_id: tuple, transformer_index: in
         # a private copy of the options, so backward's recomputation sees the block and transformer
         # index of the first run (forward_timestep_embed advances the index in place)
         private = {**options, "block": block_id, "transformer_index": transformer_index}
-        # backward's recomputation runs after the gradient pass has handed the loaded weights back
-        with readable_weights([block]):
-            return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
+        return openaimodel.forward_timestep_embed(block, h, emb, context, private, output_shape)
     return run
+
+
+def _recompute_context(options: dict, block):
+    """``context_fn`` of ``torch.utils.checkpoint``: the first run is inside the pass already; the
+    recomputation re-enters the pass's context for this block (a pass that gave none: weights readable)."""
+    recompute = options.get(RECOMPUTE_KEY)
+    return contextlib.nullcontext(), recompute(block) if recompute is not None else readable_weights([block])
 
 
 def _reproducible(unet, kwargs) -> bool:
@@ -59,9 +73,10 @@ def _warn_unsupported(model_name: str) -> None:
     log.warning("gradient checkpointing supports SD1.x/SDXL image UNets only; training %s without it", model_name)
 
 
-def checkpointed_unet(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
-                      **kwargs):
-    """The DIFFUSION_MODEL wrapper: ``UNetModel._forward`` with every block checkpointed (under grad only)."""
+def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                   checkpoint=True, **kwargs):
+    """The DIFFUSION_MODEL wrapper: ``UNetModel._forward`` block by block under grad, each block
+    checkpointed (``checkpoint``), ending after the block ``STOP_AFTER_KEY`` names, if any."""
     unet = executor.class_obj
     if not torch.is_grad_enabled():
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -70,6 +85,7 @@ def checkpointed_unet(executor, x, timesteps=None, context=None, y=None, control
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     options = transformer_options
+    stop = options.get(STOP_AFTER_KEY)
     options["original_shape"] = list(x.shape)
     options["transformer_index"] = 0
     patches = options.get("patches", {})
@@ -82,32 +98,52 @@ def checkpointed_unet(executor, x, timesteps=None, context=None, y=None, control
     def block(module, block_id, h, output_shape=None):
         options["block"] = block_id
         run = _block_function(module, options, block_id, options["transformer_index"], output_shape)
-        h = torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False)
+        if checkpoint:
+            h = torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False,
+                                                  context_fn=functools.partial(_recompute_context, options, module))
+        else:
+            h = run(h, emb, context)
         options["transformer_index"] += sum(isinstance(layer, SpatialTransformer) for layer in module)
+        if block_id == stop:
+            raise _Stopped
         return h
 
-    h, skips = x, []
-    for i, module in enumerate(unet.input_blocks):
-        h = openaimodel.apply_control(block(module, ("input", i), h), control, "input")
-        for patch in patches.get("input_block_patch", []):
-            h = patch(h, options)
-        skips.append(h)
-        for patch in patches.get("input_block_patch_after_skip", []):
-            h = patch(h, options)
-    if unet.middle_block is not None:
-        h = block(unet.middle_block, ("middle", 0), h)
-    h = openaimodel.apply_control(h, control, "middle")
-    for i, module in enumerate(unet.output_blocks):
-        options["block"] = ("output", i)
-        skip = openaimodel.apply_control(skips.pop(), control, "output")
-        for patch in patches.get("output_block_patch", []):
-            h, skip = patch(h, skip, options)
-        h = block(module, ("output", i), torch.cat([h, skip], dim=1), skips[-1].shape if skips else None)
+    try:
+        h, skips = x, []
+        for i, module in enumerate(unet.input_blocks):
+            h = openaimodel.apply_control(block(module, ("input", i), h), control, "input")
+            for patch in patches.get("input_block_patch", []):
+                h = patch(h, options)
+            skips.append(h)
+            for patch in patches.get("input_block_patch_after_skip", []):
+                h = patch(h, options)
+        if unet.middle_block is not None:
+            h = block(unet.middle_block, ("middle", 0), h)
+        h = openaimodel.apply_control(h, control, "middle")
+        for i, module in enumerate(unet.output_blocks):
+            options["block"] = ("output", i)
+            skip = openaimodel.apply_control(skips.pop(), control, "output")
+            for patch in patches.get("output_block_patch", []):
+                h, skip = patch(h, skip, options)
+            h = block(module, ("output", i), torch.cat([h, skip], dim=1), skips[-1].shape if skips else None)
+    except _Stopped:
+        return x.new_zeros(x.shape[0], unet.out_channels, *x.shape[2:])
     return unet.out(h.type(x.dtype))
 
 
-def with_gradient_checkpointing(model):
-    """A clone of ``model`` whose UNet forward is checkpointed block by block whenever grad is enabled."""
+class _Stopped(Exception):
+    """The block a pass needs last has run (``STOP_AFTER_KEY``)."""
+
+
+def with_gradient_checkpointing(model, checkpoint: bool = True):
+    """A clone of ``model`` whose UNet forward runs block by block whenever grad is enabled: each block
+    checkpointed (``checkpoint``), and ending early for a pass that names its last block (``STOP_AFTER_KEY``)."""
     patched = model.clone()
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, checkpointed_unet)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
+                                 functools.partial(blockwise_unet, checkpoint=checkpoint))
     return patched
+
+
+def block_order(block_id: tuple) -> tuple:
+    """Sort key of a UNet block id in forward order: input blocks, the middle block, output blocks."""
+    return ("input", "middle", "output").index(block_id[0]), block_id[1]

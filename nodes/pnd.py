@@ -14,6 +14,7 @@ from ..attention.store import AttentionStore
 from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
+from .checkpointing import STOP_AFTER_KEY, block_order, with_gradient_checkpointing
 from .inversion import InversionType, require_same_model
 from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_loop
 
@@ -235,10 +236,13 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         if not active:
             return None
         empty = []
-        with grad_enabled():
+        # the maps and features are all the pass is for: the UNet stops after the last block holding a term's layer
+        last = max((key[:2] for t in active for key in t.layers), key=block_order)
+        options = loop.extra_args["model_options"]
+        options = {**options, "transformer_options": {**options.get("transformer_options", {}), STOP_AFTER_KEY: last}}
+        with grad_enabled(), store.live() as live:   # backward too: checkpointing recomputes with live capture
             xg = x.detach().clone().requires_grad_(True)
-            with store.live() as live:
-                loop.denoise(xg, sigma, "positive")
+            loop.denoise(xg, sigma, "positive", model_options=options)
             losses = [t.loss(s, live, lambda key, b: empty.append((key, b))) if isinstance(t, AppearanceTerm)
                       else t.loss(s, live) for t in active]
             grads = [torch.autograd.grad(loss.sum(), xg, retain_graph=k < len(losses) - 1)[0] if loss.requires_grad
@@ -286,6 +290,12 @@ class PickAndDrawSampler(io.ComfyNode):
                                  tooltip="On: scale-free steps, each term's gradient normalised then weighted, "
                                          "η·Σ w·∇ℓ/RMS(∇ℓ). Off: the paper's literal z ← z − η∇(αℓ_app + βℓ_lay) "
                                          "(η then carries the loss scale)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="On: the guidance pass keeps only each UNet block's input and recomputes the "
+                                         "block during backward, so a guided step needs about the memory of a plain "
+                                         "step (the pass computes in fp32 on fp16/bf16 models). Off: about one "
+                                         "forward less per guided step, but the pass's activations are kept "
+                                         "(SD1.5 at 512²: several GB more). Same image either way."),
                 Appearance.Input("appearance", optional=True, tooltip="From UREMD Appearance Guidance."),
                 Layout.Input("layout", optional=True, tooltip="From Layout Guidance."),
             ],
@@ -296,7 +306,8 @@ class PickAndDrawSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, prompt, subject, eta, normalise, appearance=None, layout=None) -> io.NodeOutput:
+    def execute(cls, model, clip, prompt, subject, eta, normalise, appearance=None, layout=None,
+                gradient_checkpointing=True) -> io.NodeOutput:
         terms = [t for t in (appearance, layout) if t is not None]
         if not terms:
             raise ValueError("connect an appearance (UREMD Appearance Guidance) and/or a layout (Layout Guidance) term.")
@@ -315,7 +326,8 @@ class PickAndDrawSampler(io.ComfyNode):
                             "differently normalised maps. Use the same word (e.g. the class word) in both.",
                             subject, len(positions[0]), type(term).__name__, term.subject, term.tokens)
         store = AttentionStore([subject], positions, prompt_len, layers)
-        prepared = host.install_capture(gradient_model(model), store, layers, features, record=False)
+        prepared = host.install_capture(with_gradient_checkpointing(gradient_model(model), gradient_checkpointing),
+                                        store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
                                           extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,

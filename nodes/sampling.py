@@ -45,6 +45,8 @@ import comfy.samplers
 import comfy.utils
 
 GRADIENT_PASS_KEY = "comfyui-personalize.gradient_pass"
+# transformer_options entry of a gradient pass: block -> the context that block's recomputation runs in
+RECOMPUTE_KEY = "comfyui-personalize.recompute_context"
 HALF = (torch.float16, torch.bfloat16)
 # the host's kernels that have a backward; any other is replaced by PyTorch's (SDPA) in gradient passes
 _WITH_BACKWARD = {getattr(f, "__wrapped__", f) for f in (host_attention.attention_basic, host_attention.attention_sub_quad,
@@ -111,9 +113,16 @@ class _ReadableInference(torch.overrides.TorchFunctionMode):
 
 def _autograd_safe(patch):
     """``patch`` on copies of its tensor inputs, with what it saves for backward copied too: an in-place
-    write (FreeU_V2's ``h[:, :n] = …``) then touches nothing autograd holds."""
+    write (FreeU_V2's ``h[:, :n] = …``) then touches nothing autograd holds.
+
+    This pack's own patches (``attention/capture.py``) write nothing in place and say so with a
+    ``with_chained(wrap)`` method, which returns the patch with only the patches it chains wrapped: their
+    saved tensors are not copied, so a checkpointed block drops them and recomputes them in backward.
+    """
     if not callable(patch):
         return patch
+    if hasattr(patch, "with_chained"):
+        return patch.with_chained(_autograd_safe)
 
     def run(*args, **kwargs):
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
@@ -178,9 +187,10 @@ def _gradient_options(model_options: dict, controlled: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _computing_in(base_model, dtype):
-    """The UNet computes in ``dtype`` (the host's manual cast: weights cast per layer) for one pass."""
-    layers = [m for m in base_model.diffusion_model.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+def _computing_in(base_model, dtype, module=None):
+    """The UNet (or one ``module`` of it) computes in ``dtype`` (the host's manual cast: weights cast per
+    layer) for one pass."""
+    layers = [m for m in (module or base_model.diffusion_model).modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
     saved = base_model.manual_cast_dtype, [m.comfy_cast_weights for m in layers]
     base_model.manual_cast_dtype = dtype
     for m in layers:
@@ -203,16 +213,29 @@ def _control_models(conds) -> list:
     return found
 
 
+@contextlib.contextmanager
+def _recomputing(base_model, dtype, module):
+    """What a gradient pass's context is for one UNet block that backward recomputes (gradient checkpointing,
+    ``checkpointing.py``): its weights readable, computing in the pass's ``dtype`` (None: as stored)."""
+    precision = _computing_in(base_model, dtype, module) if dtype is not None else contextlib.nullcontext()
+    with readable_weights([module]), precision:
+        yield
+
+
 def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast=True):
     """CALC_COND_BATCH wrapper: under grad, the pass reads the loaded weights (UNet and ControlNets) without
     copying them, in fp32 if they are half precision (``upcast``), with attention and patches that back-propagate."""
     if not torch.is_grad_enabled():
         return executor(model, conds, x_in, timestep, model_options)
     compute = model.manual_cast_dtype or model.get_dtype()
-    precision = _computing_in(model, torch.float32) if upcast and compute in HALF else contextlib.nullcontext()
+    upcast = upcast and compute in HALF
+    precision = _computing_in(model, torch.float32) if upcast else contextlib.nullcontext()
     controls = _control_models(conds)
+    options = _gradient_options(model_options, bool(controls))
+    options["transformer_options"][RECOMPUTE_KEY] = functools.partial(_recomputing, model,
+                                                                      torch.float32 if upcast else None)
     with readable_weights([model.diffusion_model, *controls]), precision:
-        return executor(model, conds, x_in, timestep, _gradient_options(model_options, bool(controls)))
+        return executor(model, conds, x_in, timestep, options)
 
 
 def gradient_model(model, compute_dtype=None):

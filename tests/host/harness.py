@@ -69,8 +69,13 @@ class Host:
         return nodes
 
 
-def load_host(base_dir, comfyui_path=None) -> Host:
-    """Import the host from ``comfyui_path`` (default ``$COMFYUI_PATH``) on CPU, once per process.
+DEVICE_VARIABLE = "PERSONALIZE_HOST_DEVICE"
+
+
+def load_host(base_dir, comfyui_path=None, device=None) -> Host:
+    """Import the host from ``comfyui_path`` (default ``$COMFYUI_PATH``) once per process, on the CPU (the
+    host's ``--cpu``) unless ``device`` (default ``$PERSONALIZE_HOST_DEVICE``) is ``cuda``: then on the host's
+    own choice of GPU, for the benchmarks and the workflow tests on a GPU machine.
 
     Every folder the host writes to or scans (output, temp, input, user, models, embeddings,
     custom_nodes) is placed under ``base_dir``. Built-in extra nodes are registered, then this
@@ -96,7 +101,10 @@ def load_host(base_dir, comfyui_path=None) -> Host:
 
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    device = device or os.environ.get(DEVICE_VARIABLE, "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_VARIABLE}={device!r}: give cpu or cuda")
+    comfy.cli_args.args.cpu = device == "cpu"
     # folder_paths derives every default folder from this at import time and creates the
     # input folder on import; without it those land in the host checkout
     comfy.cli_args.args.base_directory = str(base)

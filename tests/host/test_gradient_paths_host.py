@@ -136,11 +136,18 @@ def naive_autograd():
         yield
 
 
+def checkpointing(env):
+    import importlib
+    return importlib.import_module(env.sampling.__name__.rsplit(".", 1)[0] + ".checkpointing")
+
+
 def without_gradient_pass(env, model):
-    """``model`` (a gradient_model clone) without the pack's gradient-pass wrapper, for the naive reference."""
+    """``model`` (a gradient_model clone) without the pack's gradient-pass wrapper and block-wise forward
+    (checkpointing, early stop), for the naive reference."""
     import comfy.patcher_extension
     plain = model.clone()
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, env.sampling.GRADIENT_PASS_KEY)
+    plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, checkpointing(env).KEY)
     return plain
 
 
@@ -163,10 +170,10 @@ def pnd_pass(env, model, terms, positive=None, step=0, reference=False):
 
         def loss(z):
             # what sample_pick_and_draw's guidance_grad differentiates
-            with store.live() as live:
-                loop.denoise(z, sigmas[step], "positive")
+            loop.denoise(z, sigmas[step], "positive")
             return sum(t.weight * t.loss(s, live) for t in terms if t.active(s)).sum()
-        return x, differentiate(env, reference, loss, x)
+        with store.live() as live:      # backward too, as the sampler does (checkpointing recomputes the capture)
+            return x, differentiate(env, reference, loss, x)
 
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -335,6 +342,66 @@ def test_pnd_guided_image_in_half_precision_moves_as_in_fp32(env, pnd_terms, dty
     tight = dtype == torch.float16
     assert cosine(moved, reference) >= (0.999 if tight else 0.99)
     assert moved.norm() == pytest.approx(reference.norm().item(), rel=0.01 if tight else 0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_pnd_checkpointing_and_early_stop_leave_the_guided_latent_unchanged(env, pnd_terms, dtype):
+    """The guidance pass recomputed block by block in backward (gradient_checkpointing on, recomputing in the pass's
+    fp32 on half-precision weights) and ended after the last block a term reads (both settings) gives the latent
+    of the host's own full forward kept whole for backward."""
+    import comfy.patcher_extension
+    import comfy.sample
+    model = env.model if dtype == "float32" else half(getattr(torch, dtype))
+    outs = {}
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for name, options, full in (("checkpointed", {}, False), ("kept", {"gradient_checkpointing": False}, False),
+                                ("host forward", {"gradient_checkpointing": False}, True)):
+        with torch.inference_mode():
+            prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, env.clip, PROMPT, "dog", 0.5, True, *pnd_terms,
+                                                                   **options).args
+        if full:
+            prepared = prepared.clone()
+            prepared.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, checkpointing(env).KEY)
+        with torch.inference_mode():
+            outs[name] = comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model)[:5], encode(env, PROMPT),
+                                                    encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+    plain = outs["host forward"]
+    assert (plain - noise * schedule(model)[0]).abs().max() > 0
+    for name in ("checkpointed", "kept"):
+        assert torch.allclose(outs[name].float(), plain.float(), rtol=0, atol=1e-5), \
+            (name, dtype, (outs[name].float() - plain.float()).abs().max())
+
+
+def test_pnd_checkpointing_keeps_a_guided_step_at_the_memory_of_a_plain_step(env, pnd_terms):
+    """One guided step of each window, checkpointed: its peak is within 5% of the same step sampled plainly with CFG
+    (the gradient pass at batch 1 recomputes one block at a time), and below the same step keeping the pass's
+    activations (tiny model; bench_pnd.py measures SD1.5 size). A live capture keeps the forward's maps, never a
+    recomputation's (which would hold every recomputed block alive)."""
+    import comfy.sample
+    import comfy.samplers
+    from memory import PeakMemory
+    sigmas = schedule(env.model)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    appearance, layout = pnd_terms
+
+    def peak(model, sampler, step):
+        run = lambda: comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas[step:step + 2], encode(env, PROMPT),
+                                                 encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+        with torch.inference_mode():
+            run()
+            with PeakMemory() as meter:
+                run()
+        return meter.peak
+
+    for step, terms in ((0, (None, layout)), (2, (appearance, None))):     # one window's term: its step's alone
+        plain = peak(env.model, comfy.samplers.sampler_object("euler"), step)
+        guided = {}
+        for on in (True, False):
+            with torch.inference_mode():
+                prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True,
+                                                                       *terms, gradient_checkpointing=on).args
+            guided[on] = peak(prepared, sampler, step)
+        assert guided[True] <= 1.05 * plain and guided[True] < guided[False], (step, plain, guided)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -117,15 +117,16 @@ def test_each_loss_decreases_at_every_guided_step(env):
             for term in (appearance, layout):
                 if not term.active(s):
                     continue
-                def loss(z):
-                    with store.live() as live:
-                        loop.denoise(z, sigmas[i], "positive")
+                def loss(z, live):
+                    loop.denoise(z, sigmas[i], "positive")
                     return term.loss(s, live)
                 with env.sampling.grad_enabled():
                     z = x.detach().clone().requires_grad_(True)
-                    before = loss(z)
-                    grad, = torch.autograd.grad(before.sum(), z)
-                    after = loss(guided_update(x, grad, s, 0.05)[0])
+                    with store.live() as live:      # backward too: checkpointing recomputes with live capture
+                        before = loss(z, live)
+                        grad, = torch.autograd.grad(before.sum(), z)
+                    with store.live() as live:
+                        after = loss(guided_update(x, grad, s, 0.05)[0], live)
                 checked.append((type(term).__name__, i, before.detach(), after.detach()))
             x = x + (x - loop.cfg_denoise(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
         return x, None
