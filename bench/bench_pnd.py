@@ -32,6 +32,10 @@ def main():
                     help="whose first step the memory figure measures")
     ap.add_argument("--checkpointing", nargs="+", type=lambda v: v == "on", default=[True, False],
                     metavar="on|off", help="the sampler's gradient_checkpointing settings the memory figure measures")
+    ap.add_argument("--trials", action="store_true",
+                    help="also time precision trials (GPU, fp16 model): the guidance passes and the DDIM inversion "
+                         "computing in the model's fp16 instead of fp32, against the default, with how far their "
+                         "result moves")
     ap.add_argument("--no-memory-warmup", dest="memory_warmup", action="store_false",
                     help="measure each step's first run (saves time at SD1.5 size on a CPU)")
     args = ap.parse_args()
@@ -73,8 +77,8 @@ def main():
         return pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", 0.1, True, appearance, layout,
                                               gradient_checkpointing=checkpointing).args
 
-    def prepare(inversion):
-        return sampler_for(**terms(inversion))
+    def prepare(inversion, checkpointing=True):
+        return sampler_for(**terms(inversion), checkpointing=checkpointing)
 
     with torch.inference_mode():
         inversion = invert()
@@ -90,23 +94,32 @@ def main():
             sample(*prepare(inversion), sigmas)
 
     @synchronized(args.device)
+    def guided_kept():
+        with torch.inference_mode():
+            sample(*prepare(inversion, checkpointing=False), sigmas)
+
+    @synchronized(args.device)
     def end_to_end():
         with torch.inference_mode():
             sample(*prepare(invert()), sigmas)
 
     rows = []
     print(f"{args.size} SD1, {args.device}, res={side * 8}px steps={args.steps} cfg=7.5")
+    if args.trials:
+        rows += precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd)
     if "time" in args.measure:
-        fns = {"plain": plain, "guided": guided, "end to end": end_to_end}
+        fns = {"plain": plain, "guided": guided, "guided, activations kept": guided_kept, "end to end": end_to_end}
         for fn in fns.values():
             fn()                                                   # warm-up
         t = timed(fns, args.repeats, clock(args.device, args.threads))
-        for name, goal in (("end to end", "<= 2.2"), ("guided", "")):
+        for name, goal in (("end to end", "<= 2.2"), ("guided", ""), ("guided, activations kept", "")):
             lo, med = ratio_stats(t, name, "plain")
-            print(f"P&D {name:10s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
+            print(f"P&D {name:24s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
                   f"min/median {lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
-            label = "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain sampling" \
-                if name == "end to end" else "P&D guided sampling, inversion excluded / plain sampling"
+            label = {"end to end": "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain "
+                                   "sampling",
+                     "guided": "P&D guided sampling, inversion excluded / plain sampling",
+                     "guided, activations kept": "P&D guided sampling, gradient_checkpointing off / plain sampling"}[name]
             rows.append({"what": label, "values": [lo, med], "goal": goal})
     if "memory" in args.measure:
         from memory import PeakMemory                              # tests/host (on the path: common.load)
@@ -145,6 +158,71 @@ def main():
                                      f"step, {args.res}px", "values": [ratio], "goal": goal,
                              "note": f"{peaks[window, name] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
     emit(f"pnd {args.size} {args.device}", rows)
+
+
+def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd):
+    """Issue 11's GPU question for P&D: what fp32 costs where the model computes in fp16. (1) the guidance
+    gradient passes in the model's own fp16 (no upcast) against fp32: time of guided sampling, and the cosine
+    and norm ratio of what guidance moves in the result (guided − plain); (2) the DDIM inversion (NullTextInvert
+    'ddim', fp32 by default) in fp16: its time, and the relative difference of its pivots."""
+    import contextlib
+    import comfy.samplers
+    import torch
+    from comfyui_personalize.nodes import sampling
+
+    @contextlib.contextmanager
+    def patched(module, name, value):
+        original = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+
+    own = model.model_dtype()
+    name = str(own).removeprefix("torch.")
+    passes_in_own = lambda: patched(pnd, "gradient_model", lambda m: sampling.gradient_model(m, own))
+    inverting_in_own = lambda: patched(inv, "gradient_model", lambda m, _fp32: sampling.gradient_model(m, own))
+    out = {}
+
+    def guided(trial):
+        @synchronized(args.device)
+        def run():
+            with passes_in_own() if trial else contextlib.nullcontext(), torch.inference_mode():
+                out[trial] = sample(*prepare(inversion), sigmas).float()
+        return run
+
+    def inverted(trial):
+        @synchronized(args.device)
+        def run():
+            with inverting_in_own() if trial else contextlib.nullcontext(), torch.inference_mode():
+                out["inversion", trial] = invert().trajectory.float()
+        return run
+
+    @synchronized(args.device)
+    def plain():
+        with torch.inference_mode():
+            out["plain"] = sample(model, comfy.samplers.sampler_object("euler"), sigmas).float()
+
+    fns = {"fp32 passes": guided(False), f"{name} passes": guided(True), "plain": plain,
+           "fp32 inversion": inverted(False), f"{name} inversion": inverted(True)}
+    for fn in fns.values():
+        fn()
+    t = timed(fns, args.repeats, clock(args.device, args.threads))
+    moved = {k: (out[k] - out["plain"]).flatten() for k in (False, True)}
+    cos = torch.nn.functional.cosine_similarity(moved[True].double(), moved[False].double(), 0).item()
+    norm = (moved[True].norm() / moved[False].norm()).item()
+    pivots = ((out["inversion", True] - out["inversion", False]).norm() / out["inversion", False].norm()).item()
+    passes, inverting = ratio_stats(t, f"{name} passes", "fp32 passes"), ratio_stats(t, f"{name} inversion", "fp32 inversion")
+    inversion_share = ratio_stats(t, "fp32 inversion", "plain")
+    print(f"trial: guidance passes in {name}: guided sampling time {passes[0]:.2f}/{passes[1]:.2f} of fp32's; what "
+          f"guidance moves: cosine {cos:.4f}, norm ratio {norm:.3f} against fp32 passes")
+    print(f"trial: DDIM inversion in {name}: time {inverting[0]:.2f}/{inverting[1]:.2f} of fp32's (fp32 inversion = "
+          f"{inversion_share[1]:.2f}x a plain sampling); pivots differ by {pivots:.2e} (relative)")
+    return [{"what": f"P&D trial: guidance passes in {name} / fp32, guided sampling time", "values": list(passes),
+             "goal": "", "note": f"displacement cosine {cos:.4f}, norm ratio {norm:.3f}"},
+            {"what": f"P&D trial: DDIM inversion in {name} / fp32, time", "values": list(inverting), "goal": "",
+             "note": f"pivots differ by {pivots:.2e}; fp32 inversion {inversion_share[1]:.2f}x plain"}]
 
 
 if __name__ == "__main__":
