@@ -26,7 +26,9 @@ def main():
     from comfyui_personalize.nodes import lnr
 
     model, clip, _ = models(args.size, args.device)
-    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    def encode(text):
+        with torch.inference_mode():            # as the executor runs every node
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
     y_r, y_p, y_minus, empty = (encode(t) for t in ("a photo of a sks dog", "a photo of a sks dog in the jungle",
                                                     "a photo of a dog in the jungle", ""))
     side = args.res // 8

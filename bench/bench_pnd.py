@@ -50,7 +50,9 @@ def main():
 
     model, clip, _ = models(args.size, args.device)
     side = args.res // 8
-    encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    def encode(text):
+        with torch.inference_mode():            # as the executor runs every node
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
     pos, neg, tpos = encode(PROMPT), encode(""), encode(TEMPLATE)
     latent = torch.zeros(1, 4, side, side)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", args.steps)

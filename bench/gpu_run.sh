@@ -24,9 +24,14 @@ bench() {   # bench NAME... : run_all on those benchmarks, within what is left o
         | tee -a "$OUT/bench.txt"
 }
 
-bench pnd nti
-budget=$(left); (( budget > 140 )) && budget=140
-PERSONALIZE_HOST_DEVICE=cuda timeout "$budget" python3 -m pytest tests/host -q -p no:cacheprovider \
-    -k "runs_in_the_host_executor or requeueing" 2>&1 | tail -40 | tee "$OUT/workflows.txt"
-bench palp lnr capture
+workflows() {   # the shipped workflows (tiny models) in the host's executor on the GPU
+    local budget; budget=$(left); (( budget > 120 )) && budget=120
+    PERSONALIZE_HOST_DEVICE=cuda timeout "$budget" python3 -m pytest tests/host -q -p no:cacheprovider -rfE \
+        --tb=short -k "runs_in_the_host_executor or requeueing" > "$OUT/workflows.txt" 2>&1
+    tail -5 "$OUT/workflows.txt"
+}
+
+# arguments: the steps to run, e.g. workflows "bench pnd palp"; none: all, most wanted first
+if (( $# )); then for step in "$@"; do $step; done
+else bench pnd nti; workflows; bench palp lnr capture; fi
 echo "gpu_run.sh: $(( SECONDS - START )) s"

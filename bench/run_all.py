@@ -111,7 +111,7 @@ def run(name: str, argv: list[str], timeout: float) -> tuple[list[dict], str | N
     print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = [row for line in lines if line.startswith(RESULT_TAG) for row in json.loads(line[len(RESULT_TAG):])["rows"]]
     if proc.returncode != 0 or not rows:
-        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-60:])
         return rows, f"exit status {proc.returncode}:\n{tail}"
     return rows, None
 

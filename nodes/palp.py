@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from comfy_api.latest import io, ui
 from safetensors.torch import save_file
 
@@ -213,18 +214,24 @@ class PALPTrainer(io.ComfyNode):
                     raise ValueError("the VAE encoded the subject images to NaN/Inf latents: run the VAE in fp32 "
                                      "(the host's --fp32-vae) or use another VAE; nothing was trained or saved.")
                 subjects.append(Subject(latents, prompt, tokens))
+        with torch.inference_mode():
+            # as the executor encodes: outside inference mode (grad on) a GPU's text encoder fails
+            # ("Inference tensors do not track version counter")
+            encoded = [host.encode_text(clip, text) for text in (target_prompt, "")]
         with torch.inference_mode(False):
             # normal tensors: autograd refuses to save inference tensors for backward
             subjects = [dataclasses.replace(s, latents=s.latents.clone()) for s in subjects]
-            positive = conditioning(*(_clone(t) for t in host.encode_text(clip, target_prompt)))
-            negative = conditioning(*(_clone(t) for t in host.encode_text(clip, "")))
+            positive, negative = (conditioning(*(_clone(t) for t in pair)) for pair in encoded)
 
         def encode(tokens):
             """y_P's (context, pooled vector) with the learned tokens spliced in, differentiable in them."""
             spliced, _ = splice(tokens, vectors, towers_)
             # the host's CLIP layers add residuals in place (x += …) after a layer norm has saved x, which
             # autograd refuses; saving copies makes the text encoder differentiable without touching it
-            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+            # and CLIP's causal mask (77×77) fails the CUDA memory-efficient attention's backward (its bias
+            # stride must be a multiple of 4): 77 tokens cost the math kernel nothing
+            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved), \
+                    sdpa_kernel([SDPBackend.MATH]):
                 out = text_worker.encode_from_tokens(spliced, return_dict=True)
             return out["cond"], out["pooled_output"]
 
