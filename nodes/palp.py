@@ -12,7 +12,6 @@ import os
 import tempfile
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from comfy_api.latest import io, ui
 from safetensors.torch import save_file
 
@@ -26,7 +25,7 @@ from .palp_files import Paths, read_checkpoint, read_results, run_inputs, stale,
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
                          class_word_vector, image_tensor, loss_plot, splice, square, towers,
                          with_embedding_dirs)
-from .sampling import fresh_weights, gradient_model, run_loop
+from .sampling import fresh_weights, gradient_model, math_attention, run_loop
 
 CATEGORY = "personalize/palp"
 
@@ -228,10 +227,7 @@ class PALPTrainer(io.ComfyNode):
             spliced, _ = splice(tokens, vectors, towers_)
             # the host's CLIP layers add residuals in place (x += …) after a layer norm has saved x, which
             # autograd refuses; saving copies makes the text encoder differentiable without touching it
-            # and CLIP's causal mask (77×77) fails the CUDA memory-efficient attention's backward (its bias
-            # stride must be a multiple of 4): 77 tokens cost the math kernel nothing
-            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved), \
-                    sdpa_kernel([SDPBackend.MATH]):
+            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved), math_attention():
                 out = text_worker.encode_from_tokens(spliced, return_dict=True)
             return out["cond"], out["pooled_output"]
 

@@ -111,6 +111,25 @@ class _ReadableInference(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _MathAttention(torch.overrides.TorchFunctionMode):
+    """PyTorch's attention (SDPA) with a mask runs its math kernel: no fused kernel's layout constraints."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and not kwargs.get("dropout_p"):
+            return torch.ops.aten._scaled_dot_product_attention_math(*args, **kwargs)[0]
+        return func(*args, **kwargs)
+
+
+def math_attention():
+    """Inside, every SDPA call computes with the math kernel. For a text encoder differentiated for a learned
+    token (PALP): CUDA's memory-efficient kernel, which the host picks for CLIP's 77×77 causal mask, refuses
+    that mask in backward (its stride must be a multiple of 4), and the host sets its own kernel priority
+    around each call, so ``torch.nn.attention.sdpa_kernel`` cannot choose; 77 tokens cost the math kernel
+    nothing."""
+    return _MathAttention()
+
+
 def _autograd_safe(patch):
     """``patch`` on copies of its tensor inputs, with what it saves for backward copied too: an in-place
     write (FreeU_V2's ``h[:, :n] = …``) then touches nothing autograd holds.

@@ -461,3 +461,59 @@ def test_every_branch_runs_under_its_own_prompts_conditioning_on_sdxl(host, pack
         assert torch.allclose(context, want_context, atol=1e-5), f"{name}: cross-attention context"
         assert torch.allclose(y, want_y, atol=1e-5), f"{name}: pooled/size embedding y " \
             f"(max difference {(y - want_y).abs().max().item():.3g})"
+
+
+def test_the_text_encoders_gradient_pass_uses_the_math_attention_kernel(pack, sd1, monkeypatch):
+    """PALP differentiates CLIP under ``sampling.math_attention``: its masked attention (77×77 causal) never reaches
+    a fused SDPA kernel — on CUDA the memory-efficient one refuses that mask in backward (seen on an H200) — and
+    computes what the host's own attention computes. The host's CLIP takes PyTorch's attention as on a GPU."""
+    import comfy.model_management
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(comfy.model_management, "ENABLE_PYTORCH_ATTENTION", True)
+    sampling = pack("nodes.sampling")
+    _, clip, _ = sd1
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    tokens = clip.tokenize("a photo of a dog")
+    outs, seen = [], []
+    for context in (lambda: Ops(), lambda: sampling.math_attention()):
+        with torch.inference_mode(False), torch.enable_grad(), context(), Ops() as ops:
+            outs.append(clip.encode_from_tokens(tokens, return_dict=True)["cond"])
+        seen.append({n for n in ops.names if "scaled_dot_product" in n})
+    assert seen[0] and not seen[0] <= {"_scaled_dot_product_attention_math"}, "the host's CLIP must use a fused SDPA here"
+    assert seen[1] <= {"_scaled_dot_product_attention_math"}, seen[1]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_palp_training_sends_no_text_encoder_attention_to_a_fused_kernel(mod, sd1, subject, monkeypatch):
+    """A training step with the host on PyTorch attention (as on a GPU): no differentiated SDPA call of CLIP's shape
+    (77 × 77) reaches a fused kernel (the fixed prompts' encodes, without gradient, may; the old code sent CLIP's
+    gradient pass to the CPU flash kernel here, and to CUDA's memory-efficient one on an H200, which failed)."""
+    import comfy.model_management
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setattr(comfy.model_management, "ENABLE_PYTORCH_ATTENTION", True)
+
+    class FusedCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.kernels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if "scaled_dot_product" in name and args[0].requires_grad and args[0].shape[-2] == args[1].shape[-2] == 77:
+                self.kernels.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with FusedCalls() as calls:
+        train(mod, sd1, subject, steps=1, gradient_accumulation=1, save_name="fused_kernels", overwrite=True,
+              checkpoint_every=0)
+    # the math kernel decomposes into plain ops before dispatch: only a fused kernel shows here
+    assert not calls.kernels, calls.kernels
