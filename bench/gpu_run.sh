@@ -20,7 +20,7 @@ export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.gpu/host PYTHONUNBUFFERED=1
 bench() {   # bench NAME... : run_all on those benchmarks, within what is left of the budget
     local budget; budget=$(left)
     (( budget > 30 )) || { echo "skipped $* (no time left)" | tee -a "$OUT/bench.txt"; return; }
-    timeout "$budget" python3 bench/run_all.py --device cuda --sd15 --no-tiny --timeout 170 --only "$@" 2>&1 \
+    timeout "$budget" python3 bench/run_all.py --device cuda --sd15 --no-tiny --timeout 300 --only "$@" 2>&1 \
         | tee -a "$OUT/bench.txt"
 }
 
@@ -33,5 +33,5 @@ workflows() {   # the shipped workflows (tiny models) in the host's executor on 
 
 # arguments: the steps to run, e.g. workflows "bench pnd palp"; none: all, most wanted first
 if (( $# )); then for step in "$@"; do $step; done
-else bench pnd nti; workflows; bench palp lnr capture; fi
+else bench pnd palp lnr; workflows; bench nti capture; fi
 echo "gpu_run.sh: $(( SECONDS - START )) s"
