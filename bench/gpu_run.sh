@@ -27,7 +27,7 @@ bench() {   # bench NAME... : run_all on those benchmarks, within what is left o
 workflows() {   # the shipped workflows (tiny models) in the host's executor on the GPU
     local budget; budget=$(left); (( budget > 120 )) && budget=120
     PERSONALIZE_HOST_DEVICE=cuda timeout "$budget" python3 -m pytest tests/host -q -p no:cacheprovider -rfE \
-        --tb=short -k "runs_in_the_host_executor or requeueing" > "$OUT/workflows.txt" 2>&1
+        --tb=short -k "host_executor or requeueing" > "$OUT/workflows.txt" 2>&1
     tail -5 "$OUT/workflows.txt"
 }
 
