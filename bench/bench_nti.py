@@ -23,10 +23,9 @@ of each. Both start from the encoded latent (the VAE is not timed).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
-from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
+from common import clock, emit, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
 
 PROMPT = "a photo of a dog"
 GUIDANCE = 7.5
@@ -123,16 +122,11 @@ def frozen_fp32_copy(unet):
     return clone
 
 
-@contextlib.contextmanager
 def computing_in(inv, dtype):
     """NullTextInvert with its worker computing in ``dtype`` instead of fp32 (``gradient_model``'s compute
     dtype: every UNet pass, gradient passes included, without the fp32 upcast); the null embedding stays fp32."""
     original = inv.gradient_model
-    inv.gradient_model = lambda model, _fp32: original(model, dtype)
-    try:
-        yield
-    finally:
-        inv.gradient_model = original
+    return patched(inv, "gradient_model", lambda model, _fp32: original(model, dtype))
 
 
 def psnr(a, b) -> float:

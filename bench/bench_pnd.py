@@ -18,7 +18,7 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
 """
 from __future__ import annotations
 
-from common import clock, emit, min_median, models, parser, ratio_stats, start, synchronized, timed
+from common import clock, emit, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
 
 PROMPT, TEMPLATE = "a photo of a sks dog in the water", "a photo of a dog in the water"
 LAYOUT_WINDOW, APPEARANCE_WINDOW = (0.0, 0.2), (0.2, 0.4)    # percent of the schedule (Fig. 8's steps [0,10), [10,20))
@@ -30,8 +30,8 @@ def main():
     ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
     ap.add_argument("--windows", nargs="+", choices=["layout", "appearance"], default=["layout", "appearance"],
                     help="whose first step the memory figure measures")
-    ap.add_argument("--checkpointing", nargs="+", type=lambda v: v == "on", default=[True, False],
-                    metavar="on|off", help="the sampler's gradient_checkpointing settings the memory figure measures")
+    ap.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"],
+                    help="the sampler's gradient_checkpointing settings the memory figure measures")
     ap.add_argument("--trials", action="store_true",
                     help="also time precision trials (GPU, fp16 model): the guidance passes and the DDIM inversion "
                          "computing in the model's fp16 instead of fp32, against the default, with how far their "
@@ -138,7 +138,7 @@ def main():
             # other term is inactive at this step, so the step computes the same)
             runs = {"plain": lambda: sample(model, euler, step)}
             for name, on in (("guided", True), ("guided, activations kept", False)):
-                if on in args.checkpointing:
+                if ("on" if on else "off") in args.checkpointing:
                     with torch.inference_mode():
                         prepared, sampler = sampler_for(**{window: made[window]}, checkpointing=on)
                     runs[name] = lambda prepared=prepared, sampler=sampler: sample(prepared, sampler, step)
@@ -171,15 +171,6 @@ def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, in
     import comfy.samplers
     import torch
     from comfyui_personalize.nodes import sampling
-
-    @contextlib.contextmanager
-    def patched(module, name, value):
-        original = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            yield
-        finally:
-            setattr(module, name, original)
 
     own = model.model_dtype()
     name = str(own).removeprefix("torch.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import pathlib
 import statistics
@@ -33,6 +34,17 @@ def models(size: str, device: str):
     if size == "tiny":
         return tiny_models.tiny_sd1()
     return tiny_models.sd15_sized(torch.float16 if device == "cuda" else torch.float32)
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` is ``value`` inside (a benchmark's variant of the pack's code)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def synchronized(device: str):

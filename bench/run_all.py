@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--repeats", type=int, help="repeats of every benchmark (default: each one's own)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each benchmark process")
     args = ap.parse_args()
+    if not args.tiny and not args.sd15:
+        ap.error("--no-tiny leaves nothing to run without --sd15")
     if "COMFYUI_PATH" not in os.environ:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout: the benchmarks load the real host in-process")
 

@@ -40,6 +40,7 @@ from comfy.ldm.modules.diffusionmodules import openaimodel
 from .sampling import RECOMPUTE_KEY, readable_weights
 
 KEY = "comfyui-personalize.gradient_checkpointing"
+PACK_KEYS = "comfyui-personalize."    # the prefix of every wrapper key this pack installs
 # transformer_options entry: ("input" | "middle" | "output", index) of the last block a pass needs
 STOP_AFTER_KEY = "comfyui-personalize.stop_after_block"
 
@@ -55,22 +56,42 @@ def _block_function(block, options: dict, block_id: tuple, transformer_index: in
     return run
 
 
+class _EachEntry:
+    """A context manager made anew by ``make()`` at every entry: backward recomputes a block once per
+    ``autograd.grad`` call (P&D differentiates each active term separately), and the checkpoint keeps
+    the one object ``context_fn`` returned for all of them."""
+
+    def __init__(self, make):
+        self._make, self._open = make, []
+
+    def __enter__(self):
+        self._open.append(self._make())
+        return self._open[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)
+
+
 def _recompute_context(options: dict, block):
-    """``context_fn`` of ``torch.utils.checkpoint``: the first run is inside the pass already; the
+    """``context_fn`` of ``torch.utils.checkpoint``: the first run is inside the pass already; each
     recomputation re-enters the pass's context for this block (a pass that gave none: weights readable)."""
-    recompute = options.get(RECOMPUTE_KEY)
-    return contextlib.nullcontext(), recompute(block) if recompute is not None else readable_weights([block])
+    recompute = options.get(RECOMPUTE_KEY) or (lambda module: readable_weights([module]))
+    return contextlib.nullcontext(), _EachEntry(lambda: recompute(block))
 
 
-def _reproducible(unet, kwargs) -> bool:
-    """Whether the wrapper reproduces this call: an image UNet (SD1.x/SDXL), no video inputs."""
+def _reproducible(unet, kwargs, options) -> bool:
+    """Whether the wrapper reproduces this call: an image UNet (SD1.x/SDXL), no video inputs, and no other
+    DIFFUSION_MODEL wrapper (one inside this one would be skipped, one outside would see a stopped pass's zeros)."""
+    others = [key for key in options.get("wrappers", {}).get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+              if key != KEY]
     return (isinstance(unet, openaimodel.UNetModel) and not kwargs and not unet.use_temporal_resblocks
-            and not unet.predict_codebook_ids)
+            and not unet.predict_codebook_ids and not others)
 
 
 @functools.cache
 def _warn_unsupported(model_name: str) -> None:
-    log.warning("gradient checkpointing supports SD1.x/SDXL image UNets only; training %s without it", model_name)
+    log.warning("the block-wise UNet forward (gradient checkpointing, P&D's early end) runs on SD1.x/SDXL image UNets "
+                "with no other pack's DIFFUSION_MODEL wrapper; %s runs its own forward whole (more memory)", model_name)
 
 
 def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
@@ -80,7 +101,7 @@ def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=No
     unet = executor.class_obj
     if not torch.is_grad_enabled():
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-    if not _reproducible(unet, kwargs):
+    if not _reproducible(unet, kwargs, transformer_options):
         _warn_unsupported(type(unet).__name__)
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
@@ -147,3 +168,14 @@ def with_gradient_checkpointing(model, checkpoint: bool = True):
 def block_order(block_id: tuple) -> tuple:
     """Sort key of a UNet block id in forward order: input blocks, the middle block, output blocks."""
     return ("input", "middle", "output").index(block_id[0]), block_id[1]
+
+
+def may_stop_early(model_options: dict) -> bool:
+    """Whether a pass whose output is unused may end early: no other pack's wrapper that would see its zeros as a
+    prediction (a model_function_wrapper, an APPLY_MODEL / CALC_COND_BATCH / DIFFUSION_MODEL wrapper not this pack's)."""
+    if model_options.get("model_function_wrapper") is not None:
+        return False
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    kinds = (comfy.patcher_extension.WrappersMP.APPLY_MODEL, comfy.patcher_extension.WrappersMP.CALC_COND_BATCH,
+             comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL)
+    return all(key.startswith(PACK_KEYS) for kind in kinds for key in wrappers.get(kind, {}))

@@ -14,7 +14,7 @@ from ..attention.store import AttentionStore
 from ..guidance.losses import masked_vectors
 from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, LayoutTerm, sample_guided
 from . import host
-from .checkpointing import STOP_AFTER_KEY, block_order, with_gradient_checkpointing
+from .checkpointing import STOP_AFTER_KEY, block_order, may_stop_early, with_gradient_checkpointing
 from .inversion import InversionType, require_same_model
 from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_loop
 
@@ -236,10 +236,12 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         if not active:
             return None
         empty = []
-        # the maps and features are all the pass is for: the UNet stops after the last block holding a term's layer
-        last = max((key[:2] for t in active for key in t.layers), key=block_order)
+        # the maps and features are all the pass is for: the UNet stops after the last block holding a term's layer,
+        # unless another pack's wrapper would see the stopped pass's output
         options = loop.extra_args["model_options"]
-        options = {**options, "transformer_options": {**options.get("transformer_options", {}), STOP_AFTER_KEY: last}}
+        if may_stop_early(options):
+            last = max((key[:2] for t in active for key in t.layers), key=block_order)
+            options = {**options, "transformer_options": {**options.get("transformer_options", {}), STOP_AFTER_KEY: last}}
         with grad_enabled(), store.live() as live:   # backward too: checkpointing recomputes with live capture
             xg = x.detach().clone().requires_grad_(True)
             loop.denoise(xg, sigma, "positive", model_options=options)
@@ -293,9 +295,10 @@ class PickAndDrawSampler(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="On: the guidance pass keeps only each UNet block's input and recomputes the "
                                          "block during backward, so a guided step needs about the memory of a plain "
-                                         "step (the pass computes in fp32 on fp16/bf16 models). Off: about one "
-                                         "forward less per guided step, but the pass's activations are kept "
-                                         "(SD1.5 at 512²: several GB more). Same image either way."),
+                                         "step (the pass computes in fp32 on fp16/bf16 models; a ControlNet's own "
+                                         "activations are still kept). Off: about one forward less per guided step "
+                                         "and term, but the pass's activations are kept (SD1.5 at 256²: 3.3-3.5x a "
+                                         "plain step's memory, more at larger sizes). Same image either way."),
                 Appearance.Input("appearance", optional=True, tooltip="From UREMD Appearance Guidance."),
                 Layout.Input("layout", optional=True, tooltip="From Layout Guidance."),
             ],

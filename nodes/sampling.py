@@ -233,11 +233,12 @@ def _control_models(conds) -> list:
 
 
 @contextlib.contextmanager
-def _recomputing(base_model, dtype, module):
-    """What a gradient pass's context is for one UNet block that backward recomputes (gradient checkpointing,
-    ``checkpointing.py``): its weights readable, computing in the pass's ``dtype`` (None: as stored)."""
-    precision = _computing_in(base_model, dtype, module) if dtype is not None else contextlib.nullcontext()
-    with readable_weights([module]), precision:
+def _pass_context(base_model, dtype, readable, cast=None):
+    """A gradient pass's context: the ``readable`` modules' weights read in place, and ``cast`` (default: the
+    whole UNet) computing in ``dtype`` (None: as stored). Also one UNet block's, for its recomputation in
+    backward (gradient checkpointing, ``checkpointing.py``)."""
+    precision = _computing_in(base_model, dtype, cast) if dtype is not None else contextlib.nullcontext()
+    with readable_weights(readable), precision:
         yield
 
 
@@ -246,14 +247,11 @@ def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast
     copying them, in fp32 if they are half precision (``upcast``), with attention and patches that back-propagate."""
     if not torch.is_grad_enabled():
         return executor(model, conds, x_in, timestep, model_options)
-    compute = model.manual_cast_dtype or model.get_dtype()
-    upcast = upcast and compute in HALF
-    precision = _computing_in(model, torch.float32) if upcast else contextlib.nullcontext()
+    dtype = torch.float32 if upcast and (model.manual_cast_dtype or model.get_dtype()) in HALF else None
     controls = _control_models(conds)
     options = _gradient_options(model_options, bool(controls))
-    options["transformer_options"][RECOMPUTE_KEY] = functools.partial(_recomputing, model,
-                                                                      torch.float32 if upcast else None)
-    with readable_weights([model.diffusion_model, *controls]), precision:
+    options["transformer_options"][RECOMPUTE_KEY] = lambda block: _pass_context(model, dtype, [block], block)
+    with _pass_context(model, dtype, [model.diffusion_model, *controls]):
         return executor(model, conds, x_in, timestep, options)
 
 

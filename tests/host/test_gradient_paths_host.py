@@ -91,16 +91,28 @@ def assert_direction(run, dtype, what):
 
 
 @pytest.fixture(scope="module")
-def pnd_terms(env):
+def reference_inversion(env):
+    """The reference's DDIM inversion (P&D's palette reads only its pivots)."""
+    image = env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)
+    with torch.inference_mode():
+        return env.inversion.NullTextInvert.execute(env.model, env.clip, REF_PROMPT, "ddim", STEPS, "ddim_uniform", 7.5,
+                                                    10, 1e-2, 1e-5, "", image=image, vae=env.vae).args[0]
+
+
+def appearance_term(env, inversion, start, end):
+    """P&D's appearance term of ``inversion``, its window [start, end)."""
+    with torch.inference_mode():
+        return env.pnd.UREMDGuidance.execute(env.model, inversion, env.clip, "sks dog", 0.5, "auto", start, end,
+                                             1.0).args[0]
+
+
+@pytest.fixture(scope="module")
+def pnd_terms(env, reference_inversion):
     """P&D's appearance (steps 2-3) and layout (steps 0-1) terms, built once on the fp32 model."""
     from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
     sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
-    image = env.tiny.smooth_images(torch.Generator().manual_seed(5), 1, 128, 128).movedim(1, -1)
     with torch.inference_mode():
-        inversion = env.inversion.NullTextInvert.execute(env.model, env.clip, REF_PROMPT, "ddim", STEPS, "ddim_uniform",
-                                                         7.5, 10, 1e-2, 1e-5, "", image=image, vae=env.vae).args[0]
-        appearance = env.pnd.UREMDGuidance.execute(env.model, inversion, env.clip, "sks dog", 0.5, "auto", 0.2, 0.4,
-                                                   1.0).args[0]
+        appearance = appearance_term(env, reference_inversion, 0.2, 0.4)
         layout = env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", encode(env, TEMPLATE),
                                                 encode(env, ""), 7.5, Noise_RandomNoise(0), sigmas, {"samples": latent},
                                                 "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
@@ -344,32 +356,109 @@ def test_pnd_guided_image_in_half_precision_moves_as_in_fp32(env, pnd_terms, dty
     assert moved.norm() == pytest.approx(reference.norm().item(), rel=0.01 if tight else 0.05)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_pnd_checkpointing_and_early_stop_leave_the_guided_latent_unchanged(env, pnd_terms, dtype):
-    """The guidance pass recomputed block by block in backward (gradient_checkpointing on, recomputing in the pass's
-    fp32 on half-precision weights) and ended after the last block a term reads (both settings) gives the latent
-    of the host's own full forward kept whole for backward."""
+def guided_latent(env, model, terms, steps=4, full_forward=False, monkeypatch=None, **options):
+    """The P&D sampler's latent after ``steps`` steps and, with ``monkeypatch``, the UNet blocks its gradient passes
+    ran, as (block id, σ) in order, recomputations included. ``full_forward``: the host's own UNet forward, no
+    block-wise wrapper."""
     import comfy.patcher_extension
     import comfy.sample
-    model = env.model if dtype == "float32" else half(getattr(torch, dtype))
-    outs = {}
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+    blocks = []
+    if monkeypatch is not None:
+        original = openaimodel.forward_timestep_embed
+
+        def spy(ts, x, emb, context=None, transformer_options={}, *args, **kwargs):
+            if torch.is_grad_enabled():
+                blocks.append((transformer_options.get("block"), float(transformer_options["sigmas"][0])))
+            return original(ts, x, emb, context, transformer_options, *args, **kwargs)
+        monkeypatch.setattr(openaimodel, "forward_timestep_embed", spy)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, env.clip, PROMPT, "dog", 0.5, True, *terms,
+                                                               **options).args
+    if full_forward:
+        prepared = prepared.clone()
+        prepared.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, checkpointing(env).KEY)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    for name, options, full in (("checkpointed", {}, False), ("kept", {"gradient_checkpointing": False}, False),
-                                ("host forward", {"gradient_checkpointing": False}, True)):
-        with torch.inference_mode():
-            prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, env.clip, PROMPT, "dog", 0.5, True, *pnd_terms,
-                                                                   **options).args
-        if full:
-            prepared = prepared.clone()
-            prepared.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, checkpointing(env).KEY)
-        with torch.inference_mode():
-            outs[name] = comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model)[:5], encode(env, PROMPT),
-                                                    encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
-    plain = outs["host forward"]
-    assert (plain - noise * schedule(model)[0]).abs().max() > 0
-    for name in ("checkpointed", "kept"):
-        assert torch.allclose(outs[name].float(), plain.float(), rtol=0, atol=1e-5), \
-            (name, dtype, (outs[name].float() - plain.float()).abs().max())
+    with torch.inference_mode():
+        out = comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model)[:steps + 1], encode(env, PROMPT),
+                                         encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    return out.float(), blocks
+
+
+def plain_latent(env, model, steps=4):
+    import comfy.sample
+    import comfy.samplers
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, 7.5, comfy.samplers.sampler_object("euler"),
+                                          schedule(model)[:steps + 1], encode(env, PROMPT), encode(env, ""),
+                                          torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True).float()
+
+
+def assert_same_latent(got, reference, what):
+    assert torch.allclose(got, reference, rtol=0, atol=1e-5), (what, (got - reference).abs().max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_pnd_checkpointing_and_early_stop_leave_the_guided_latent_unchanged(env, pnd_terms, dtype, monkeypatch):
+    """The guidance pass recomputed block by block in backward (gradient_checkpointing on, recomputing in the pass's
+    fp32 on half-precision weights) and ended after the last block a term reads (both settings) gives the latent
+    of the host's own full forward kept whole for backward; the appearance steps' passes run no block after the
+    last appearance layer's."""
+    model = env.model if dtype == "float32" else half(getattr(torch, dtype))
+    host_forward, all_blocks = guided_latent(env, model, pnd_terms, full_forward=True, gradient_checkpointing=False,
+                                             monkeypatch=monkeypatch)
+    assert not torch.allclose(host_forward, plain_latent(env, model)), "guidance must move the latent"
+    order = checkpointing(env).block_order
+    last = max((k[:2] for k in pnd_terms[0].layers), key=order)
+    appearance_sigmas = {float(s) for s in schedule(model)[2:4]}
+    reached = lambda blocks: max((b for b, s in blocks if s in appearance_sigmas), key=order)
+    assert order(reached(all_blocks)) > order(last), "the host's forward runs past the appearance layers"
+    for on in (True, False):
+        got, blocks = guided_latent(env, model, pnd_terms, gradient_checkpointing=on, monkeypatch=monkeypatch)
+        assert_same_latent(got, host_forward, (dtype, on))
+        assert reached(blocks) == last, (on, reached(blocks), last)
+
+
+def test_pnd_with_both_terms_active_at_one_step_is_right_checkpointed(env, pnd_terms, reference_inversion):
+    """Overlapping windows (layout [0, 0.2), appearance [0, 0.4)): one backward per term, so backward recomputes each
+    checkpointed block twice; the latent is the host forward's (found by review: the recomputation's context could be
+    entered only once)."""
+    terms = (appearance_term(env, reference_inversion, 0.0, 0.4), pnd_terms[1])
+    reference, _ = guided_latent(env, env.model, terms, steps=2, full_forward=True, gradient_checkpointing=False)
+    assert not torch.allclose(reference, plain_latent(env, env.model, steps=2))
+    for on in (True, False):
+        assert_same_latent(guided_latent(env, env.model, terms, steps=2, gradient_checkpointing=on)[0], reference, on)
+
+
+@pytest.mark.parametrize("wrapper", ["DIFFUSION_MODEL", "model_function_wrapper"])
+def test_pnd_runs_the_whole_forward_under_another_packs_model_wrapper(env, pnd_terms, wrapper, monkeypatch):
+    """Another pack's wrapper around the UNet would see an early-ended pass's zeros (or be skipped by the block-wise
+    forward): with one, the guidance pass runs the host's whole forward, and the latent is the same."""
+    import comfy.patcher_extension
+    seen = []
+    model = env.model.clone()
+    if wrapper == "DIFFUSION_MODEL":
+        def other(executor, *args, **kwargs):
+            out = executor(*args, **kwargs)
+            seen.append(out.abs().max().item())
+            return out
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "another.pack", other)
+    else:
+        def other(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            seen.append(out.abs().max().item())
+            return out
+        model.set_model_unet_function_wrapper(other)
+    reference, _ = guided_latent(env, env.model, pnd_terms)
+    got, blocks = guided_latent(env, model, pnd_terms, monkeypatch=monkeypatch)
+    assert_same_latent(got, reference, wrapper)
+    assert seen and min(seen) > 0, "the wrapper saw a stopped pass's zeros"
+    last_block = ("output", len(env.model.model.diffusion_model.output_blocks) - 1)
+    appearance_sigmas = {float(s) for s in schedule(env.model)[2:4]}
+    assert any(b == last_block and s in appearance_sigmas for b, s in blocks), "the appearance passes must run whole"
 
 
 def test_pnd_checkpointing_keeps_a_guided_step_at_the_memory_of_a_plain_step(env, pnd_terms):

@@ -488,8 +488,9 @@ def test_the_text_encoders_gradient_pass_uses_the_math_attention_kernel(pack, sd
         with torch.inference_mode(False), torch.enable_grad(), context(), Ops() as ops:
             outs.append(clip.encode_from_tokens(tokens, return_dict=True)["cond"])
         seen.append({n for n in ops.names if "scaled_dot_product" in n})
-    assert seen[0] and not seen[0] <= {"_scaled_dot_product_attention_math"}, "the host's CLIP must use a fused SDPA here"
-    assert seen[1] <= {"_scaled_dot_product_attention_math"}, seen[1]
+    assert seen[0], "the host's CLIP must reach a fused SDPA kernel here"
+    # the math kernel decomposes into plain ops before dispatch: no SDPA op shows at all
+    assert not seen[1], seen[1]
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
