@@ -356,7 +356,7 @@ def test_pnd_guided_image_in_half_precision_moves_as_in_fp32(env, pnd_terms, dty
     assert moved.norm() == pytest.approx(reference.norm().item(), rel=0.01 if tight else 0.05)
 
 
-def guided_latent(env, model, terms, steps=4, full_forward=False, monkeypatch=None, **options):
+def guided_latent(env, model, terms, steps=4, full_forward=False, monkeypatch=None, positive=None, **options):
     """The P&D sampler's latent after ``steps`` steps and, with ``monkeypatch``, the UNet blocks its gradient passes
     ran, as (block id, σ) in order, recomputations included. ``full_forward``: the host's own UNet forward, no
     block-wise wrapper."""
@@ -380,8 +380,9 @@ def guided_latent(env, model, terms, steps=4, full_forward=False, monkeypatch=No
         prepared.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, checkpointing(env).KEY)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        out = comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model)[:steps + 1], encode(env, PROMPT),
-                                         encode(env, ""), torch.zeros(1, 4, 16, 16), seed=0, disable_pbar=True)
+        out = comfy.sample.sample_custom(prepared, noise, 7.5, sampler, schedule(model)[:steps + 1],
+                                         positive or encode(env, PROMPT), encode(env, ""), torch.zeros(1, 4, 16, 16),
+                                         seed=0, disable_pbar=True)
     if monkeypatch is not None:
         monkeypatch.undo()
     return out.float(), blocks
@@ -697,6 +698,23 @@ def test_gradient_passes_are_right_with_other_packs_patches_in_the_chain(env, pa
         assert_same_gradient(lora_pass(env, pack, model), lora_pass(env, pack, model, reference=True), f"LoRA, {name}")
     if name not in ("SAG", "PAG"):    # they change the unconditional pass and their own extra passes only
         assert not torch.allclose(pnd, pnd_pass(env, env.model, pnd_terms)), "the patch must act on the pass"
+
+
+@pytest.mark.parametrize("name", ["FreeU_V2", "IPAdapter-style attn2", "ControlNet"])
+def test_pnd_sampler_checkpointed_and_stopped_early_is_right_with_other_packs_patches(env, pnd_terms, name):
+    """The sampler's own guidance path (checkpointed blocks, early end; the ControlNet's residuals added in place
+    between blocks) through another pack's patch gives the latent of the host's whole forward kept for backward."""
+    model, positive = env.model, None
+    if name == "ControlNet":
+        positive = with_controlnet(env, PROMPT)
+    else:
+        with torch.inference_mode():
+            model = PATCHES[name](env, env.model)
+    reference, _ = guided_latent(env, model, pnd_terms, full_forward=True, positive=positive,
+                                 gradient_checkpointing=False)
+    got, _ = guided_latent(env, model, pnd_terms, positive=positive)
+    assert_same_latent(got, reference, name)
+    assert not torch.allclose(reference, guided_latent(env, env.model, pnd_terms)[0]), "the patch must act"
 
 
 def test_palp_trains_through_every_patch_at_once(env, pack):
