@@ -305,8 +305,9 @@ def test_pick_and_draw_on_sdxl(env):
                                                 sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
         assert {k[:2] for k in appearance.layers} == {("output", 0), ("output", 1)} and {k[2] for k in appearance.layers} == {0, 1}
         outs = []
-        for eta in (0.0, 0.5):
-            prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", eta, True, appearance, layout).args
+        for eta, checkpointing in ((0.0, True), (0.5, True), (0.5, False)):
+            prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, clip, PROMPT, "dog", eta, True, appearance, layout,
+                                                                   gradient_checkpointing=checkpointing).args
             noise = noise_object().generate_noise({"samples": latent})
             outs.append(comfy.sample.sample_custom(prepared, noise, 7.5, sampler, sigmas, encode(PROMPT), encode(""), latent,
                                                    disable_pbar=True))
@@ -314,6 +315,8 @@ def test_pick_and_draw_on_sdxl(env):
                                            encode(""), latent, disable_pbar=True)
     assert torch.equal(outs[0], plain)
     assert torch.isfinite(outs[1]).all() and (outs[1] - plain).abs().max() > 1e-2
+    # the checkpointed blocks (SDXL's depth-2 transformers, label embedding) recompute what they computed
+    assert torch.allclose(outs[1], outs[2], rtol=0, atol=1e-5), (outs[1] - outs[2]).abs().max()
 
 
 def test_pick_and_draw_drives_a_lora_patched_model(env):
