@@ -107,22 +107,6 @@ def main():
 
     rows = []
     print(f"{args.size} SD1, {args.device}, res={side * 8}px steps={args.steps} cfg=7.5")
-    if args.trials:
-        rows += precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd)
-    if "time" in args.measure:
-        fns = {"plain": plain, "guided": guided, "guided, activations kept": guided_kept, "end to end": end_to_end}
-        for fn in fns.values():
-            fn()                                                   # warm-up
-        t = timed(fns, args.repeats, clock(args.device, args.threads))
-        for name, goal in (("end to end", "<= 2.2"), ("guided", ""), ("guided, activations kept", "")):
-            lo, med = ratio_stats(t, name, "plain")
-            print(f"P&D {name:24s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
-                  f"min/median {lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
-            label = {"end to end": "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain "
-                                   "sampling",
-                     "guided": "P&D guided sampling, inversion excluded / plain sampling",
-                     "guided, activations kept": "P&D guided sampling, gradient_checkpointing off / plain sampling"}[name]
-            rows.append({"what": label, "values": [lo, med], "goal": goal})
     if "memory" in args.measure:
         from memory import PeakMemory                              # tests/host (on the path: common.load)
         with torch.inference_mode():
@@ -159,6 +143,22 @@ def main():
                 rows.append({"what": f"P&D peak memory of one guided step ({window} window, {label}) / plain CFG "
                                      f"step, {args.res}px", "values": [ratio], "goal": goal,
                              "note": f"{peaks[window, name] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
+    if "time" in args.measure:
+        fns = {"plain": plain, "guided": guided, "guided, activations kept": guided_kept, "end to end": end_to_end}
+        for fn in fns.values():
+            fn()                                                   # warm-up
+        t = timed(fns, args.repeats, clock(args.device, args.threads))
+        for name, goal in (("end to end", "<= 2.2"), ("guided", ""), ("guided, activations kept", "")):
+            lo, med = ratio_stats(t, name, "plain")
+            print(f"P&D {name:24s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
+                  f"min/median {lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
+            label = {"end to end": "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain "
+                                   "sampling",
+                     "guided": "P&D guided sampling, inversion excluded / plain sampling",
+                     "guided, activations kept": "P&D guided sampling, gradient_checkpointing off / plain sampling"}[name]
+            rows.append({"what": label, "values": [lo, med], "goal": goal})
+    if args.trials:
+        rows += precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd)
     emit(f"pnd {args.size} {args.device}", rows)
 
 

@@ -23,6 +23,8 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -97,21 +99,36 @@ def met(value: float, goal: str) -> str:
 
 
 def run(name: str, argv: list[str], timeout: float) -> tuple[list[dict], str | None]:
-    command = [sys.executable, str(HERE / argv[0]), *argv[1:]]
+    """One benchmark process; its figures are printed as it prints them (a run stopped at ``timeout`` keeps what
+    it printed so far: a GPU lease is short)."""
+    command = [sys.executable, "-u", str(HERE / argv[0]), *argv[1:]]
     print(f"\n=== {name}: {' '.join(argv)}", flush=True)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [], f"timed out after {timeout:.0f} s"
-    lines = proc.stdout.splitlines()
-    for line in lines:
-        if not line.startswith(RESULT_TAG):
-            print("   " + line)
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        lines = []
+
+        def relay():
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if not line.startswith(RESULT_TAG):
+                    print("   " + lines[-1], flush=True)
+        reader = threading.Thread(target=relay, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            reader.join(5)
+            return [], f"timed out after {timeout:.0f} s (what it printed is above)"
+        reader.join()
+        errors.seek(0)
+        stderr = errors.read()
     print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
     rows = [row for line in lines if line.startswith(RESULT_TAG) for row in json.loads(line[len(RESULT_TAG):])["rows"]]
     if proc.returncode != 0 or not rows:
-        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-60:])
+        tail = "\n".join((stderr or "\n".join(lines)).splitlines()[-60:])
         return rows, f"exit status {proc.returncode}:\n{tail}"
     return rows, None
 
