@@ -3,7 +3,7 @@ and guided sampling alone (a ready inversion), each as a ratio to one plain samp
 steps and CFG; and the peak memory of one guided step against one plain CFG step.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_pnd.py [--size tiny|sd15] [--device cpu|cuda]
-        [--steps 50] [--res 128] [--repeats 3] [--measure time memory]
+        [--steps 50] [--res 128] [--repeats 3] [--measure memory time] [--checkpointing on off] [--trials]
 
 Goals (issue 11): end to end, inversion included, ≤ 2.2× plain; peak memory of a guided step ≤ 1.5×
 a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
@@ -14,7 +14,11 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
 - Memory: the peak bytes one sampler step allocates above what exists when it starts (weights,
   palette, template), the CUDA allocator's peak on a GPU, storages counted on the CPU
   (``tests/host/memory.py``): the first step of the layout window and the first of the appearance
-  window (one gradient pass each), against the same step sampled plainly with CFG.
+  window (one gradient pass each), against the same step sampled plainly with CFG; with the sampler's
+  ``gradient_checkpointing`` on (the default, the goal's figure) and off. Printed first.
+- Time: guided sampling with checkpointing on and off; end to end with it on (the default).
+- ``--trials`` (GPU, fp16 model): the guidance passes and the DDIM inversion computing in fp16 instead of
+  fp32, their time and how far their result moves (``precision_trials``). Printed last.
 """
 from __future__ import annotations
 
