@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 
-from common import clock, emit, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
+from common import clock, emit, inverting_in, min_median, models, parser, ratio_stats, start, synchronized, timed
 
 PROMPT = "a photo of a dog"
 GUIDANCE = 7.5
@@ -122,13 +122,6 @@ def frozen_fp32_copy(unet):
     return clone
 
 
-def computing_in(inv, dtype):
-    """NullTextInvert with its worker computing in ``dtype`` instead of fp32 (``gradient_model``'s compute
-    dtype: every UNet pass, gradient passes included, without the fp32 upcast); the null embedding stays fp32."""
-    original = inv.gradient_model
-    return patched(inv, "gradient_model", lambda model, _fp32: original(model, dtype))
-
-
 def psnr(a, b) -> float:
     import torch
     return (10 * torch.log10(1.0 / torch.mean((a.float() - b.float()) ** 2))).item()
@@ -192,7 +185,7 @@ def main():
         def ours_in(dtype):
             @synchronized(args.device)
             def run():
-                with computing_in(inv, getattr(torch, dtype)), torch.inference_mode():
+                with inverting_in(inv, getattr(torch, dtype)), torch.inference_mode():
                     out[dtype] = inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform",
                                                             GUIDANCE, args.inner, 1e-2, 1e-5, "",
                                                             latent={"samples": samples}).args[1]["samples"]

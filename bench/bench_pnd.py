@@ -22,7 +22,7 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
 """
 from __future__ import annotations
 
-from common import clock, emit, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
+from common import clock, emit, inverting_in, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
 
 PROMPT, TEMPLATE = "a photo of a sks dog in the water", "a photo of a dog in the water"
 LAYOUT_WINDOW, APPEARANCE_WINDOW = (0.0, 0.2), (0.2, 0.4)    # percent of the schedule (Fig. 8's steps [0,10), [10,20))
@@ -179,7 +179,6 @@ def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, in
     own = model.model_dtype()
     name = str(own).removeprefix("torch.")
     passes_in_own = lambda: patched(pnd, "gradient_model", lambda m: sampling.gradient_model(m, own))
-    inverting_in_own = lambda: patched(inv, "gradient_model", lambda m, _fp32: sampling.gradient_model(m, own))
     out = {}
 
     def guided(trial):
@@ -192,7 +191,7 @@ def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, in
     def inverted(trial):
         @synchronized(args.device)
         def run():
-            with inverting_in_own() if trial else contextlib.nullcontext(), torch.inference_mode():
+            with inverting_in(inv, own) if trial else contextlib.nullcontext(), torch.inference_mode():
                 out["inversion", trial] = invert().trajectory.float()
         return run
 

@@ -47,6 +47,13 @@ def patched(module, name: str, value):
         setattr(module, name, original)
 
 
+def inverting_in(inv, dtype):
+    """NullTextInvert (module ``inv``) with its worker computing in ``dtype`` instead of fp32 (``gradient_model``'s
+    compute dtype: every UNet pass, gradient passes included, without the fp32 upcast); the null embedding stays fp32."""
+    original = inv.gradient_model
+    return patched(inv, "gradient_model", lambda model, _fp32: original(model, dtype))
+
+
 def synchronized(device: str):
     """Decorator: wait for the GPU's queued work before returning, so wall times cover it."""
     def wrap(fn):
@@ -58,11 +65,6 @@ def synchronized(device: str):
             return out
         return run
     return wrap
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median wall seconds of each callable, run in turn (A B A B …) so drift hits all alike."""
-    return {name: statistics.median(t) for name, t in timed(fns, repeats, time.perf_counter).items()}
 
 
 def parser(repeats: int, res: int | None = 128) -> argparse.ArgumentParser:

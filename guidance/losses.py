@@ -36,7 +36,7 @@ def uremd_loss(ref, gen, chunk=1024):
     dtype = torch.promote_types(torch.promote_types(ref.dtype, gen.dtype), torch.float32)
     if ref.shape[0] == 0 or gen.shape[0] == 0:
         return torch.zeros((), dtype=dtype, device=gen.device)
-    ref = F.normalize(ref.to(gen.device, dtype), dim=-1)   # the palette is kept on the CPU
+    ref = F.normalize(ref.to(dtype), dim=-1)     # on gen's device: the caller moves a stored palette once per layer
     gen = F.normalize(gen.to(dtype), dim=-1)
     nearest = torch.cat([_max_similarity(ref, g, chunk) for g in gen.split(chunk)])
     return (1 - nearest).mean()

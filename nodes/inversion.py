@@ -107,6 +107,8 @@ class Inversion:
 
 
 TENSOR_FIELDS = ("trajectory", "sigmas", "null_embeddings", "cond", "cond_pooled", "uncond", "uncond_pooled", "losses")
+# the fields a file stores as its settings (the fingerprint is stored apart)
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(Inversion) if f.name not in TENSOR_FIELDS and f.name != "fingerprint")
 
 
 def conditioning(cond, pooled) -> list:
@@ -236,8 +238,7 @@ def input_digest(samples: torch.Tensor) -> str:
 
 
 def _settings(inversion: Inversion) -> dict:
-    return {f.name: getattr(inversion, f.name) for f in dataclasses.fields(inversion)
-            if f.name not in TENSOR_FIELDS and f.name != "fingerprint"}
+    return {name: getattr(inversion, name) for name in SETTING_FIELDS}
 
 
 def save_inversion(inversion: Inversion, path: str) -> None:
@@ -298,9 +299,7 @@ def load_inversion(path: str) -> Inversion:
     try:
         inversion = Inversion(**settings, fingerprint=fingerprint, **{k: tensors.get(k) for k in TENSOR_FIELDS})
     except TypeError:
-        expected = sorted(f.name for f in dataclasses.fields(Inversion)
-                          if f.name not in TENSOR_FIELDS and f.name != "fingerprint")
-        raise _remake(path, f"has the settings {sorted(settings)} where this version writes {expected}") from None
+        raise _remake(path, f"has the settings {sorted(settings)} where this version writes {sorted(SETTING_FIELDS)}") from None
     n = len(inversion.sigmas) - 1
     if inversion.trajectory.shape[0] != n + 1 or (inversion.null_embeddings is not None
                                                   and inversion.null_embeddings.shape[0] != n):

@@ -79,9 +79,10 @@ class LoRAProjection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # the host op's own casting path (weight patches, wrappers, fp8 scales), at the fp32 input's dtype
-        out = self.module.forward_comfy_cast_weights(x.float())
+        wide = x.float()
+        out = self.module.forward_comfy_cast_weights(wide)
         if self.adapter.enabled:
-            out = out + self.adapter.branch(x)
+            out = out + self.adapter.branch(wide)
         return out.to(x.dtype)
 
 
@@ -271,10 +272,6 @@ def _generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, step, micro)) & 0xFFFF_FFFF_FFFF)
 
 
-def _detached(tensor):
-    return None if tensor is None else tensor.detach()
-
-
 def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
     """ε from the host's x0 prediction in σ-space (x = x0 + σ ε)."""
     return ((x - denoised) / sigma).float()
@@ -330,8 +327,7 @@ class Trainer:
             with adapters_off(self.state.adapters.values()):
                 base_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive"), sigma)
                 base_uncond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "negative"), sigma)
-            pers_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive", context=context.detach(),
-                                                   pooled=_detached(pooled)), sigma)
+            pers_cond = _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "positive", context=context, pooled=pooled), sigma)
             # at β = 1 Eq. 5's unconditional term has weight 0: skip its UNet pass
             pers_uncond = pers_cond if s.beta == 1 else _eps(x_hat_t, loop.denoise(x_hat_t, sigma, "negative"), sigma)
         residual = palp_residual(base_cond, base_uncond, pers_cond, pers_uncond, s.alpha, s.beta)
@@ -357,7 +353,8 @@ class Trainer:
                         personalization += p / s.gradient_accumulation
                         alignment += a / s.gradient_accumulation
                     state.optimizer.step()
-                    if not all(torch.isfinite(p).all() for p in state.params):
+                    # one device sync for all parameters, not one each
+                    if not torch.stack([torch.isfinite(p).all() for p in state.params]).all():
                         self.stop("the LoRA or the token became NaN/Inf")
                     state.step += 1
                     state.curves["personalization"].append(personalization)

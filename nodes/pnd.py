@@ -228,6 +228,10 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
                 f"{', '.join(f'{s:.4g}' for s in missing[:4])} of this run. Use the same steps/scheduler (and, for the "
                 "layout template, the same SIGMAS) as the generation, or re-invert the reference with them.")
 
+    # the maps and features are all the guidance pass is for: the UNet stops after the last block holding an
+    # active term's layer, unless another pack's wrapper would see the stopped pass's output
+    stop_early = may_stop_early(loop.extra_args["model_options"])
+
     def guidance_grad(x, sigma):
         """Each active term's gradient ∇_x ℓ_k from one pass (one backward per term: ``guided_update``
         normalises each before weighting) and the weights α, β."""
@@ -236,10 +240,8 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         if not active:
             return None
         empty = []
-        # the maps and features are all the pass is for: the UNet stops after the last block holding a term's layer,
-        # unless another pack's wrapper would see the stopped pass's output
         options = loop.extra_args["model_options"]
-        if may_stop_early(options):
+        if stop_early:
             last = max((key[:2] for t in active for key in t.layers), key=block_order)
             options = {**options, "transformer_options": {**options.get("transformer_options", {}), STOP_AFTER_KEY: last}}
         with grad_enabled(), store.live() as live:   # backward too: checkpointing recomputes with live capture

@@ -317,18 +317,27 @@ def lnr_stage1(lab: Lab):
     return ref, reference, stage1, l1, masks1
 
 
-def exp_lnr(lab: Lab):
+def lnr_stage2(lab: Lab, layouts, masks1, reference):
+    """``stage2(contexts, **options)``: L&R stage 2 on stage 1's ``layouts``; ``with_iou(metrics, outs)``: the
+    metrics plus each output's mask IoU against its stage-1 mask."""
+    import torch
     L, ll = lab.L, lab.lab
+
+    def stage2(contexts, **kw):
+        return {c: L.retouch(ll, c, layouts[c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
+
+    def with_iou(m, outs):
+        m["iou_stage1"] = torch.cat([L.iou(L.score(outs[c], 0)["mask"], masks1[c]) for c in outs])
+        return m
+    return stage2, with_iou
+
+
+def exp_lnr(lab: Lab):
+    L = lab.L
     ref, reference, stage1, l1, masks1 = lnr_stage1(lab)
     rows = {f"stage 1, λ1 {k}" + (" (= personalized baseline)" if k == 0 else ""): lab.metrics(v) for k, v in stage1.items()}
 
-    def stage2(contexts, **kw):
-        return {c: L.retouch(ll, c, stage1[l1][c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
-
-    def with_iou(m, outs):
-        import torch
-        m["iou_stage1"] = torch.cat([L.iou(L.score(outs[c], 0)["mask"], masks1[c]) for c in outs])
-        return m
+    stage2, with_iou = lnr_stage2(lab, stage1[l1], masks1, reference)
 
     t0 = time.time()
     s2 = stage2(NOVEL)
@@ -384,16 +393,10 @@ Stage 2 over 3 × {lab.seeds} layouts: {main_s:.0f} s wall.
 
 
 def exp_lnr_sweep(lab: Lab):
-    import torch
     L, ll = lab.L, lab.lab
     ref, reference, stage1, l1, masks1 = lnr_stage1(lab)
 
-    def stage2(contexts, **kw):
-        return {c: L.retouch(ll, c, stage1[l1][c], reference, STEPS, CFG, masks=masks1[c], **kw) for c in contexts}
-
-    def with_iou(m, outs):
-        m["iou_stage1"] = torch.cat([L.iou(L.score(outs[c], 0)["mask"], masks1[c]) for c in outs])
-        return m
+    stage2, with_iou = lnr_stage2(lab, stage1[l1], masks1, reference)
 
     sweeps = {f"stage 1 only (λ1 {l1})": lab.metrics({"snow": stage1[l1]["snow"]}),
               f"stage 1 + 2, λ2 {round(10 * STEPS / 50)} (the paper's, as in the main table)":
