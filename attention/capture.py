@@ -34,7 +34,7 @@ def cross_attention_patch(layer: AttnLayer, store: AttentionStore, attention, pr
             return output(q, k, v, extra_options)
         probs = attention_probs(q, k, extra_options["n_heads"])
         height, width = extra_options["activations_shape"][-2:]
-        maps = minmax_normalise(word_maps(probs, store.columns(k.shape[1])))
+        maps = minmax_normalise(word_maps(probs, store.columns(k.shape[1], k.device)))
         store.put("maps", layer.key, to_grid(maps, height, width), extra_options)
         return output(q, k, v, extra_options, probs if store.is_live or q.requires_grad else None)
 

@@ -41,9 +41,10 @@ def expand_positions(positions: tuple[int, ...], context_len: int, prompt_len: i
     return [p + r * prompt_len for r in range(context_len // prompt_len) for p in positions]
 
 
-def word_maps(probs: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
-    """Each word's attention (sum over its token columns), averaged over heads: ``[B, W, Nq]``."""
-    per_word = [probs[..., cols].sum(-1) for cols in columns]
+def word_maps(probs: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+    """Each word's attention (sum over its token columns, index tensors on ``probs``' device), averaged over
+    heads: ``[B, W, Nq]``."""
+    per_word = [probs.index_select(-1, cols).sum(-1) for cols in columns]
     return torch.stack(per_word, dim=1).mean(dim=2)
 
 

@@ -98,6 +98,7 @@ class AttentionStore:
         self._run: Run | None = None
         self._live: LiveCapture | None = None
         self._sigma_cache = (None, None)
+        self._columns = {}
         self.sampler_pass = False     # True only while the sampler's own cond/uncond passes run
 
     def __deepcopy__(self, memo):
@@ -157,8 +158,17 @@ class AttentionStore:
         step = self._step(extra_options["sigmas"])
         return step is not None and self.steps(step, len(self._run.sigmas) - 1)
 
-    def columns(self, context_len: int) -> list[list[int]]:
-        return [expand_positions(p, context_len, self.prompt_len) for p in self.positions]
+    def columns(self, context_len: int, device) -> list[torch.Tensor]:
+        """Each word's token columns in a context of ``context_len`` tokens, as index tensors on ``device``.
+
+        Made once per context length and device: indexing a GPU tensor with a Python list copies the list to
+        the device, which waits for the GPU to finish its queue (one stall per layer and pass).
+        """
+        key = (context_len, torch.device(device))
+        if key not in self._columns:
+            self._columns[key] = [torch.tensor(expand_positions(p, context_len, self.prompt_len), device=device)
+                                  for p in self.positions]
+        return self._columns[key]
 
     def put(self, table: str, layer_key, values: torch.Tensor, extra_options: dict):
         """File one layer's maps or features of this forward pass (call only when ``active``)."""

@@ -33,10 +33,15 @@ class SwapState:
         self.mask, self._tokens = mask, {}
 
     def mask_tokens(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """M resized to one layer's feature map, as token rows ``[1, h·w, 1]`` (cached per size)."""
-        if (height, width) not in self._tokens:
-            self._tokens[(height, width)] = tokens_from_mask(self.mask, (height, width))
-        return self._tokens[(height, width)].to(like)
+        """M resized to one layer's feature map, as token rows ``[1, h·w, 1]`` on ``like``'s device and dtype.
+
+        Cached per size, device and dtype: a copy from the CPU to the GPU at every call would wait for the
+        GPU's queue (one stall per blend layer and pass).
+        """
+        key = (height, width, like.device, like.dtype)
+        if key not in self._tokens:
+            self._tokens[key] = tokens_from_mask(self.mask, (height, width)).to(like)
+        return self._tokens[key]
 
 
 def _paths(t: torch.Tensor, chunks: int) -> torch.Tensor | None:

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 import re
@@ -9,6 +10,7 @@ from comfyui_personalize.attention.capture import cross_attention_patch, feature
 from comfyui_personalize.attention.layers import AttnLayer
 from comfyui_personalize.attention.maps import expand_positions
 from comfyui_personalize.attention.store import AttentionStore, parse_steps
+from transfers import CpuToDevice
 
 HEADS, DH, H, W, CTX = 2, 8, 4, 6, 10
 LAYER = AttnLayer("output", 7, 0, "cross", 2, 11, HEADS * DH, HEADS, DH)
@@ -197,3 +199,18 @@ def test_step_rules_pick_their_steps():
     assert [s for s in range(12) if parse_steps("every5")(s, 12)] == [0, 5, 10]
     assert [s for s in range(12) if parse_steps(" 0-2, 7 ")(s, 12)] == [0, 1, 2, 7]
     assert all(parse_steps("all")(s, 12) for s in range(12))
+
+
+def test_capturing_copies_nothing_from_the_cpu_after_the_first_pass():
+    # on a GPU each such copy waits for the device's queue: a stall per layer and pass (issue 11, capture time)
+    for live in (False, True):
+        store = make_store()
+        patch = cross_attention_patch(LAYER, store, sdpa)
+        q, k, v = (t.to("meta") for t in qkv(2))
+        opts = options(7.0)             # the host's sigmas: read once per forward, not per layer
+        begin(store, SIGMAS)
+        with store.live() if live else contextlib.nullcontext():
+            patch(q, k, v, opts)        # the first pass may make its index tensors
+            with CpuToDevice() as seen:
+                patch(q, k, v, opts)
+        assert seen.seen == []
