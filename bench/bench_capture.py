@@ -23,7 +23,7 @@ def main():
     from comfyui_personalize.attention.store import AttentionStore
     from comfyui_personalize.nodes import host
 
-    model, clip, _ = models(args.size, args.device)
+    model, clip, _ = models(args.size, args.device, args.weights)
     with torch.inference_mode():
         context, uncontext = (clip.encode_from_tokens(clip.tokenize(t)) for t in ("a photo of a dog", ""))
     side = (args.res or (128 if args.size == "tiny" else 512)) // 8

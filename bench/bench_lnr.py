@@ -25,7 +25,7 @@ def main():
     from comfyui_personalize.nodes import inversion as inv
     from comfyui_personalize.nodes import lnr
 
-    model, clip, _ = models(args.size, args.device)
+    model, clip, _ = models(args.size, args.device, args.weights)
     def encode(text):
         with torch.inference_mode():            # as the executor runs every node
             return clip.encode_from_tokens_scheduled(clip.tokenize(text))

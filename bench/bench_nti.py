@@ -2,7 +2,7 @@
 on the same host model, in reconstruction PSNR and in time.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_nti.py [--size tiny|sd15] [--device cpu|cuda]
-        [--steps 10 20] [--res 128] [--repeats 3]
+        [--steps 10 20] [--res 128] [--repeats 3] [--weights float16]
 
 Goals (issue 11): PSNR within 0.05 dB of the reference's on identical weights; time ≤ the reference's.
 
@@ -19,13 +19,17 @@ the stricter, baseline). Its last latent is the notebook's reconstruction (the s
 PSNR is measured against the VAE round trip of the reference image (decode(encode(I))), so that a
 random-weight VAE's own loss does not mask the inversion's. Time is this process's CPU time on one
 thread on the CPU (wall time on a GPU); both variants run interleaved, and each ratio pairs one run
-of each. Both start from the encoded latent (the VAE is not timed).
+of each. Both start from the encoded latent (the VAE is not timed). On half-precision weights (a GPU's
+default, ``--weights float16`` on the CPU) ours is also timed with the host's per-layer cast instead of
+weights cast once for the loop (``sampling.weights_cast_once``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
-from common import clock, emit, inverting_in, min_median, models, parser, ratio_stats, start, synchronized, timed
+from common import (clock, emit, inverting_in, min_median, models, parser, patched, ratio_stats, start,
+                    synchronized, timed)
 
 PROMPT = "a photo of a dog"
 GUIDANCE = 7.5
@@ -144,7 +148,7 @@ def main():
     import tiny_models
     from comfyui_personalize.nodes import inversion as inv
 
-    model, clip, vae = models(args.size, args.device)
+    model, clip, vae = models(args.size, args.device, args.weights)
     image = tiny_models.smooth_images(torch.Generator().manual_seed(7), 1, args.res, args.res).movedim(1, -1)
     with torch.inference_mode():
         samples = vae.encode(image)
@@ -191,7 +195,14 @@ def main():
                                                             latent={"samples": samples}).args[1]["samples"]
             return run
 
-        fns = {"ours": ours, "reference": theirs, "plain": plain,
+        @synchronized(args.device)
+        def per_layer():
+            with patched(inv, "weights_cast_once", lambda *_: contextlib.nullcontext()), torch.inference_mode():
+                inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform", GUIDANCE,
+                                           args.inner, 1e-2, 1e-5, "", latent={"samples": samples})
+
+        half = model.model.manual_cast_dtype is None and model.model_dtype() != torch.float32
+        fns = {"ours": ours, "reference": theirs, "plain": plain, **({"per-layer cast": per_layer} if half else {}),
                **{dtype: ours_in(dtype) for dtype in args.compute_dtypes if dtype != "float32"}}
         for fn in fns.values():
             fn()                                                    # warm-up
@@ -209,6 +220,12 @@ def main():
                       "values": [p_trial - p_ours], "goal": ">= -0.05", "note": f"{p_trial:.3f} dB"},
                      {"what": f"NTI trial, {steps} steps, UNet passes in {dtype}: time / ours in fp32",
                       "values": list(speed), "goal": ""}]
+        if half:
+            cast = ratio_stats(t, "ours", "per-layer cast"), ratio_stats(t, "per-layer cast", "reference")
+            print(f"  {model.model_dtype()} weights: fp32 weights cast once / cast at every layer and pass (the host's "
+                  f"manual cast) {cast[0][0]:.3f}/{cast[0][1]:.3f}; the latter / reference {cast[1][0]:.3f}/{cast[1][1]:.3f}")
+            rows += [{"what": f"NTI time, {steps} steps, {model.model_dtype()} weights: cast once / cast per layer",
+                      "values": list(cast[0]), "goal": ""}]
         vs_ref, to_plain, ref_to_plain = (ratio_stats(t, "ours", "reference"), ratio_stats(t, "ours", "plain"),
                                           ratio_stats(t, "reference", "plain"))
         print(f"{steps} steps: PSNR vs VAE round trip: ours {p_ours:.3f} dB, reference {p_ref:.3f} dB "

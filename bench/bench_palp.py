@@ -3,7 +3,7 @@ weight 0: the same trainables, the personalization loss only), in time and in pe
 gradient checkpointing trades.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_palp.py [--size tiny|sd15] [--device cpu|cuda]
-        [--res 64] [--steps 20] [--repeats 3] [--measure time memory]
+        [--res 64] [--steps 20] [--repeats 3] [--threads 1] [--weights float16] [--measure time memory]
 
 Goals (issue 11): time ≤ 2.0×, peak memory ≤ 1.15× the plain step.
 - Time: per-step time from the difference of a run of ``steps`` and a run of 1 step (so image
@@ -16,9 +16,7 @@ Goals (issue 11): time ≤ 2.0×, peak memory ≤ 1.15× the plain step.
 """
 from __future__ import annotations
 
-import argparse
-
-from common import clock, emit, load, min_median, models, synchronized, timed
+from common import clock, cpu_threads, emit, load, min_median, models, parser, synchronized, timed
 
 VARIANTS = {  # name: (alignment weight, gradient checkpointing)
     "plain": (0.0, False),
@@ -32,10 +30,8 @@ def trainer(args):
     import torch
     from comfyui_personalize.nodes import palp
     import tiny_models
-    if args.device == "cpu" and args.size == "tiny":
-        # one thread, as the host tests: OpenMP spin-waiting beside other processes distorts tiny-model timings
-        torch.set_num_threads(1)
-    model, clip, vae = models(args.size, args.device)
+    cpu_threads(args.device, args.threads)
+    model, clip, vae = models(args.size, args.device, args.weights)
     images = tiny_models.smooth_images(torch.Generator().manual_seed(0), 4, args.res, args.res).movedim(1, -1)
 
     @synchronized(args.device)
@@ -75,12 +71,8 @@ def training_peak(fn, device) -> int:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--res", type=int, default=64, help="image side in pixels")
+    ap = parser(repeats=3, res=64)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--beta", type=float, default=1.0, help="β; at 1.0 the personalized unconditional pass is skipped")
     ap.add_argument("--measure", nargs="+", choices=["time", "memory"], default=["time", "memory"])
     args = ap.parse_args()

@@ -52,7 +52,7 @@ def main():
     from comfyui_personalize.nodes import inversion as inv
     from comfyui_personalize.nodes import pnd
 
-    model, clip, _ = models(args.size, args.device)
+    model, clip, _ = models(args.size, args.device, args.weights)
     side = args.res // 8
     def encode(text):
         with torch.inference_mode():            # as the executor runs every node

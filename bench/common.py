@@ -27,13 +27,15 @@ def load(device: str):
     return sys.modules[PACKAGE]
 
 
-def models(size: str, device: str):
-    """``(MODEL, CLIP, VAE)``: the tiny SD1 model, or an SD1.5-size random-weight one (UNet fp16 on a GPU)."""
+def models(size: str, device: str, weights: str | None = None):
+    """``(MODEL, CLIP, VAE)``: the tiny SD1 model, or an SD1.5-size random-weight one; the UNet's weights in
+    ``weights`` (default: fp16 on a GPU, fp32 on the CPU)."""
     import torch
     import tiny_models
+    dtype = getattr(torch, weights) if weights else torch.float16 if device == "cuda" else torch.float32
     if size == "tiny":
-        return tiny_models.tiny_sd1()
-    return tiny_models.sd15_sized(torch.float16 if device == "cuda" else torch.float32)
+        return tiny_models.tiny_sd1(dtype=dtype)
+    return tiny_models.sd15_sized(dtype)
 
 
 @contextlib.contextmanager
@@ -75,6 +77,8 @@ def parser(repeats: int, res: int | None = 128) -> argparse.ArgumentParser:
     ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--weights", choices=["float32", "float16", "bfloat16"],
+                    help="the UNet's stored dtype (default: fp16 on a GPU, fp32 on the CPU)")
     return ap
 
 

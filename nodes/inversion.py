@@ -24,7 +24,7 @@ import folder_paths
 from ..guidance.inversion import ddim_invert, null_text_invert, replay
 from . import host
 from .files import save_atomic
-from .sampling import grad_enabled, gradient_model, progress, readable_weights, run_loop
+from .sampling import grad_enabled, gradient_model, progress, readable_weights, run_loop, weights_cast_once
 
 InversionType = io.Custom("PERSONALIZE_INVERSION")
 CATEGORY = "personalize/inversion"
@@ -347,8 +347,9 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
         bar = progress(n * (1 + (inner_steps if mode == NULL_TEXT else int(reconstruct))))
         denoise = _denoiser(loop)
         uncond = loop.context("negative")
-        # the whole loop loads no other model: the UNet's weights are made readable once, not per gradient pass
-        with grad_enabled(), readable_weights([loop.base_model.diffusion_model]):
+        # the whole loop loads no other model: the UNet's weights are made readable, and cast to fp32, once
+        with grad_enabled(), readable_weights([loop.base_model.diffusion_model]), \
+                weights_cast_once(loop.base_model, x.device):
             # the schedule is an inference tensor, which autograd refuses to save for backward
             sigmas = sigmas.detach().clone()
             trajectory = ddim_invert(denoise, x, sigmas, POSITIVE, on_step=lambda done, _: bar(done))

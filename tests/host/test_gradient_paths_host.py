@@ -518,6 +518,40 @@ def test_null_text_inversion_in_half_precision_matches_fp32(env, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_null_text_inversion_casts_half_weights_once_with_the_same_result(env, dtype, monkeypatch):
+    """Issue 11 (NTI on a GPU): on half-precision weights the inversion's fp32 passes read weights cast once for the
+    loop, not cast by the host at every layer of every pass; the result is bit for bit the per-layer path's, and the
+    caller's model keeps its own weights, dtype and cast flags."""
+    import comfy.ops
+    model = half(getattr(torch, dtype))
+    unet = model.model.diffusion_model
+    before = {name: (t, t.dtype) for name, t in unet.named_parameters()}
+    flags = [m.comfy_cast_weights for m in unet.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))}
+    casts, layers = [], set(unet.modules())     # the UNet's per-layer casts (the text encoder's are not counted)
+    original_cast = comfy.ops.cast_bias_weight
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight",
+                        lambda s, *a, **k: (s in layers and casts.append(s)) or original_cast(s, *a, **k))
+
+    def invert():
+        casts.clear()
+        with torch.inference_mode():
+            inv, rec = env.inversion.NullTextInvert.execute(model, env.clip, REF_PROMPT, "null-text", 4, "ddim_uniform",
+                                                            7.5, 3, 1e-2, 1e-5, "", latent=latent).args[:2]
+        return inv.null_embeddings, rec["samples"], len(casts)
+
+    nulls, rec, once = invert()
+    with monkeypatch.context() as m:
+        m.setattr(env.inversion, "weights_cast_once", lambda *_: contextlib.nullcontext())
+        nulls_per_layer, rec_per_layer, per_layer = invert()
+    assert once == 0 < per_layer
+    assert torch.equal(nulls, nulls_per_layer) and torch.equal(rec, rec_per_layer)
+    assert {name: (t, t.dtype) for name, t in unet.named_parameters()} == before
+    assert all(t.grad is None for t in unet.parameters())
+    assert [m.comfy_cast_weights for m in unet.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)] == flags
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_palp_lora_gradient_in_half_precision_points_where_fp32_does(env, pack, dtype):
     assert_direction(lambda m: lora_pass(env, pack, m or env.model), getattr(torch, dtype), "LoRA")
 

@@ -159,9 +159,9 @@ class TinySDXLTokenizer(comfy.sdxl_clip.SDXLTokenizer):
         self.clip_g.embedding_size = SDXL_CLIP_G["hidden_size"]
 
 
-def tiny_sd1(seed: int = 0):
-    """``(MODEL, CLIP, VAE)`` of a tiny SD1.x-shaped model; same seed, same weights."""
-    return _build("sd1", seed)
+def tiny_sd1(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(MODEL, CLIP, VAE)`` of a tiny SD1.x-shaped model; same seed, same weights (``dtype``: the UNet's)."""
+    return _build("sd1", seed, dtype)
 
 
 def tiny_sdxl(seed: int = 0):
@@ -184,11 +184,11 @@ def sd15_sized(dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 @functools.cache
-def _build(kind: str, seed: int):
+def _build(kind: str, seed: int, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         if kind == "sd1":
-            model = _unet(comfy.model_base.BaseModel, TinySD15(SD1_UNET), gen)
+            model = _unet(comfy.model_base.BaseModel, TinySD15(SD1_UNET), gen, dtype)
             clip = _clip(TinySD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": SD1_CLIP_L}, gen)
         else:
             model = _unet(comfy.model_base.SDXL, TinySDXL(SDXL_UNET), gen)
