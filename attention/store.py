@@ -166,8 +166,9 @@ class AttentionStore:
         """
         key = (context_len, torch.device(device))
         if key not in self._columns:
-            self._columns[key] = [torch.tensor(expand_positions(p, context_len, self.prompt_len), device=device)
-                                  for p in self.positions]
+            with torch.inference_mode(False):   # made in a sampler's pass, used in gradient passes too
+                self._columns[key] = [torch.tensor(expand_positions(p, context_len, self.prompt_len), device=device)
+                                      for p in self.positions]
         return self._columns[key]
 
     def put(self, table: str, layer_key, values: torch.Tensor, extra_options: dict):

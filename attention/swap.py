@@ -40,7 +40,8 @@ class SwapState:
         """
         key = (height, width, like.device, like.dtype)
         if key not in self._tokens:
-            self._tokens[key] = tokens_from_mask(self.mask, (height, width)).to(like)
+            with torch.inference_mode(False):   # a normal tensor, whichever mode the first pass ran in
+                self._tokens[key] = tokens_from_mask(self.mask, (height, width)).to(like, copy=True)
         return self._tokens[key]
 
 

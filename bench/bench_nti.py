@@ -198,8 +198,9 @@ def main():
         @synchronized(args.device)
         def per_layer():
             with patched(inv, "weights_cast_once", lambda *_: contextlib.nullcontext()), torch.inference_mode():
-                inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform", GUIDANCE,
-                                           args.inner, 1e-2, 1e-5, "", latent={"samples": samples})
+                out["per-layer cast"] = inv.NullTextInvert.execute(
+                    model, clip, PROMPT, "null-text", steps, "ddim_uniform", GUIDANCE, args.inner, 1e-2, 1e-5, "",
+                    latent={"samples": samples}).args[1]["samples"]
 
         half = model.model.manual_cast_dtype is None and model.model_dtype() != torch.float32
         fns = {"ours": ours, "reference": theirs, "plain": plain, **({"per-layer cast": per_layer} if half else {}),
@@ -223,7 +224,8 @@ def main():
         if half:
             cast = ratio_stats(t, "ours", "per-layer cast"), ratio_stats(t, "per-layer cast", "reference")
             print(f"  {model.model_dtype()} weights: fp32 weights cast once / cast at every layer and pass (the host's "
-                  f"manual cast) {cast[0][0]:.3f}/{cast[0][1]:.3f}; the latter / reference {cast[1][0]:.3f}/{cast[1][1]:.3f}")
+                  f"manual cast) {cast[0][0]:.3f}/{cast[0][1]:.3f}; the latter / reference {cast[1][0]:.3f}/{cast[1][1]:.3f}; "
+                  f"same latent: {torch.equal(out['ours'], out['per-layer cast'])}")
             rows += [{"what": f"NTI time, {steps} steps, {model.model_dtype()} weights: cast once / cast per layer",
                       "values": list(cast[0]), "goal": ""}]
         vs_ref, to_plain, ref_to_plain = (ratio_stats(t, "ours", "reference"), ratio_stats(t, "ours", "plain"),

@@ -16,7 +16,7 @@ Goals (issue 11): time ≤ 2.0×, peak memory ≤ 1.15× the plain step.
 """
 from __future__ import annotations
 
-from common import clock, cpu_threads, emit, load, min_median, models, parser, synchronized, timed
+from common import clock, emit, min_median, models, parser, start, synchronized, timed
 
 VARIANTS = {  # name: (alignment weight, gradient checkpointing)
     "plain": (0.0, False),
@@ -26,11 +26,10 @@ VARIANTS = {  # name: (alignment weight, gradient checkpointing)
 
 
 def trainer(args):
-    load(args.device)
+    start(args)
     import torch
     from comfyui_personalize.nodes import palp
     import tiny_models
-    cpu_threads(args.device, args.threads)
     model, clip, vae = models(args.size, args.device, args.weights)
     images = tiny_models.smooth_images(torch.Generator().manual_seed(0), 4, args.res, args.res).movedim(1, -1)
 

@@ -7,6 +7,7 @@ fingerprints the model that made it so that a file is never used with another mo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -347,9 +348,11 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
         bar = progress(n * (1 + (inner_steps if mode == NULL_TEXT else int(reconstruct))))
         denoise = _denoiser(loop)
         uncond = loop.context("negative")
-        # the whole loop loads no other model: the UNet's weights are made readable, and cast to fp32, once
-        with grad_enabled(), readable_weights([loop.base_model.diffusion_model]), \
-                weights_cast_once(loop.base_model, x.device):
+        # the whole loop loads no other model: the UNet's weights are made readable once, not per gradient pass,
+        # and for null-text's gradient passes on half-precision weights cast to fp32 once
+        cast = weights_cast_once(loop.guider.model_patcher, x.device) if mode == NULL_TEXT and inner_steps else \
+            contextlib.nullcontext()
+        with grad_enabled(), readable_weights([loop.base_model.diffusion_model]), cast:
             # the schedule is an inference tensor, which autograd refuses to save for backward
             sigmas = sigmas.detach().clone()
             trajectory = ddim_invert(denoise, x, sigmas, POSITIVE, on_step=lambda done, _: bar(done))
@@ -468,8 +471,9 @@ class NullTextInvert(io.ComfyNode):
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
-        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); gradient passes read
-        # the loaded weights in place, and no pass copies them (sampling.gradient_model)
+        # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); passes read the loaded
+        # weights in place (sampling.gradient_model), or on half-precision weights their fp32 casts, made once
+        # for the loop (sampling.weights_cast_once)
         worker = gradient_model(model, torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,

@@ -21,7 +21,8 @@ gets gradients; the caller's weights are read where they lie:
   host notes §3.3): P&D's per-element gradients (~1e-5–1e-6) are subnormal or zero in fp16, and
   bf16 keeps 8 bits of the direction. A clone given an explicit ``compute_dtype`` computes every
   pass in it instead (NTI: fp32; PALP: its ``precision``); a model that already computes in it is left
-  as it is (the host's forced per-layer cast would only cost time).
+  as it is (the host's forced per-layer cast would only cost time). Null-text inversion's loop casts
+  half-precision weights once instead of at every layer of every pass (:func:`weights_cast_once`).
 - Attention: a kernel without a backward (flash attention, SageAttention, xformers) is replaced by
   the host's PyTorch attention for gradient passes, through the host's
   ``optimized_attention_override``; a kernel that still returns a cut graph is refused by name.
@@ -102,45 +103,52 @@ def readable_weights(modules):
         _HELD.difference_update(id(m) for m in modules)
 
 
-# the host's per-layer cast forwards whose plain torch forward computes the same thing from a weight already cast
+# the host's layers whose cast path only casts the stored weight (``cast_bias_weight``) and computes as torch does
 _PLAIN_CASTS = {getattr(comfy.ops.disable_weight_init, name).forward_comfy_cast_weights
                 for name in ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm")}
 
 
-@contextlib.contextmanager
-def weights_cast_once(base_model, device):
-    """Inside, the UNet's layers that the host's manual cast would cast at every pass (weights stored in
-    another dtype than the model computes in: null-text inversion's fp32 on fp16 weights) hold that cast,
-    made once, and take torch's own forward.
+def _fits(size: int, device) -> bool:
+    return comfy.model_management.get_free_memory(device) >= size
 
-    For a loop that loads no other model, inside its ``readable_weights``. The same values reach the same
-    ops, so every pass gives the same result bit for bit. On a GPU the per-layer path costs two kernel
-    launches, two allocations and the host's Python per layer and pass, which a fast GPU's short passes do
-    not hide (null-text inversion ran at 1.51× the reference's time on an H200). Memory: a gradient pass of
+
+@contextlib.contextmanager
+def weights_cast_once(patcher, device):
+    """Inside, the UNet's layers that the host's manual cast casts at every pass (weights stored in another
+    dtype than the model computes in: null-text inversion's fp32 passes on fp16 weights) store that cast,
+    made once, so the host's per-layer cast finds the dtype it wants and copies nothing.
+
+    For a loop of gradient passes that loads no other model, inside its ``readable_weights``. The host's own
+    cast path still runs, so an input of another dtype still gets its cast, from a value that converts back
+    exactly: every pass gives the same result bit for bit. What it saves per layer and pass is two kernel
+    launches and two allocations, which a fast GPU's short passes do not hide. Memory: a gradient pass of
     the per-layer path keeps nearly every layer's cast for its backward anyway, so the peak barely moves;
-    the casts are only held between passes. Left to the host: layers it streams from another device
-    (--lowvram), patches at each forward (weight functions), or computes otherwise (fp8 and other ops).
+    the casts are only held between passes. Skipped when the copies do not fit in free memory, and when
+    hooks (``comfy.hooks``) patch weights during sampling. Left to the host: layers it streams from another
+    device (--lowvram), patches at each forward (weight functions), or computes otherwise (fp8 and other ops).
     """
+    base_model = patcher.model
     dtype = base_model.manual_cast_dtype
-    layers = [] if dtype is None else [
+    layers = [] if dtype is None or patcher.hook_patches else [
         m for m in base_model.diffusion_model.modules()
         if getattr(type(m), "forward_comfy_cast_weights", None) in _PLAIN_CASTS and m.comfy_cast_weights
         and not m.weight_function and not m.bias_function
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == device
                 for t in m._parameters.values() if t is not None)]
-    saved = [(m, dict(m._parameters), m.comfy_cast_weights) for m in layers]
+    size = sum(t.numel() * dtype.itemsize for m in layers for t in m._parameters.values() if t is not None)
+    if layers and not _fits(size, device):
+        layers = []
+    saved = [(m, dict(m._parameters)) for m in layers]
     try:
         with torch.inference_mode(False), torch.no_grad():
             for m in layers:
                 for name, tensor in m._parameters.items():
                     if tensor is not None:
                         m._parameters[name] = (_alias(tensor) if tensor.is_inference() else tensor).to(dtype)
-                m.comfy_cast_weights = False
         yield
     finally:
-        for m, parameters, flag in saved:
+        for m, parameters in saved:
             m._parameters.update(parameters)
-            m.comfy_cast_weights = flag
 
 
 class _ReadableInference(torch.overrides.TorchFunctionMode):

@@ -214,3 +214,17 @@ def test_capturing_copies_nothing_from_the_cpu_after_the_first_pass():
             with CpuToDevice() as seen:
                 patch(q, k, v, opts)
         assert seen.seen == []
+
+
+def test_index_cached_in_a_sampler_pass_serves_a_later_gradient_pass():
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(2)
+    with torch.inference_mode():          # the executor's mode: the first pass caches the word columns
+        begin(store, SIGMAS)
+        patch(q, k, v, options(7.0))
+    q = q.clone().requires_grad_(True)
+    with store.live() as live:
+        patch(q, k, v, options(7.0))
+        live.maps[LAYER.key].sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -48,3 +48,14 @@ def test_blending_copies_nothing_from_the_cpu_after_the_first_pass():
     with CpuToDevice() as seen:
         patch(out, options())
     assert seen.seen == []
+
+
+def test_mask_cached_in_inference_mode_serves_a_later_gradient_pass():
+    state = SwapState()
+    patch = blend_output_patch({KEY}, state)
+    with torch.inference_mode():
+        state.set_mask(torch.rand(1, H, W))
+        patch(paths(), options())
+    out = paths().requires_grad_(True)
+    patch(out, options()).sum().backward()
+    assert out.grad is not None

@@ -22,13 +22,15 @@ class CpuToDevice(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        devices = {t.device.type for t in tensors}
+        out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
-        if func in _MAKERS and torch.device(kwargs.get("device") or "cpu").type != "cpu":
+        inputs = {t.device.type for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        outputs = {t.device.type for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        on_device = (inputs | outputs) - {"cpu"}
+        if func in _MAKERS and outputs - {"cpu"}:
             self.seen.append(f"{name} from host data")
-        elif name == "__getitem__" and args[0].device.type != "cpu" and _has_list_index(args[1]):
+        elif name == "__getitem__" and on_device and _has_list_index(args[1]):
             self.seen.append("index with a Python list")
-        elif "cpu" in devices and len(devices) > 1:
-            self.seen.append(f"{name} mixing a CPU tensor with {sorted(devices - {'cpu'})}")
-        return func(*args, **kwargs)
+        elif "cpu" in inputs and on_device:
+            self.seen.append(f"{name}: a CPU tensor meets {sorted(on_device)}")
+        return out

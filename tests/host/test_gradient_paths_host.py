@@ -520,18 +520,17 @@ def test_null_text_inversion_in_half_precision_matches_fp32(env, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_null_text_inversion_casts_half_weights_once_with_the_same_result(env, dtype, monkeypatch):
     """Issue 11 (NTI on a GPU): on half-precision weights the inversion's fp32 passes read weights cast once for the
-    loop, not cast by the host at every layer of every pass; the result is bit for bit the per-layer path's, and the
-    caller's model keeps its own weights, dtype and cast flags."""
-    import comfy.ops
+    loop, and the host's per-layer cast copies nothing; without room for the copies it casts per layer as before.
+    The result is bit for bit the per-layer path's, and the caller's model keeps its own weights."""
+    import comfy.model_management
     model = half(getattr(torch, dtype))
     unet = model.model.diffusion_model
-    before = {name: (t, t.dtype) for name, t in unet.named_parameters()}
-    flags = [m.comfy_cast_weights for m in unet.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    before = dict(unet.named_parameters())
     latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))}
-    casts, layers = [], set(unet.modules())     # the UNet's per-layer casts (the text encoder's are not counted)
-    original_cast = comfy.ops.cast_bias_weight
-    monkeypatch.setattr(comfy.ops, "cast_bias_weight",
-                        lambda s, *a, **k: (s in layers and casts.append(s)) or original_cast(s, *a, **k))
+    casts = []
+    original_cast = comfy.model_management.cast_to
+    monkeypatch.setattr(comfy.model_management, "cast_to", lambda weight, dtype=None, *a, **k: (
+        dtype not in (None, weight.dtype) and casts.append(weight)) or original_cast(weight, dtype, *a, **k))
 
     def invert():
         casts.clear()
@@ -543,12 +542,14 @@ def test_null_text_inversion_casts_half_weights_once_with_the_same_result(env, d
     nulls, rec, once = invert()
     with monkeypatch.context() as m:
         m.setattr(env.inversion, "weights_cast_once", lambda *_: contextlib.nullcontext())
-        nulls_per_layer, rec_per_layer, per_layer = invert()
-    assert once == 0 < per_layer
-    assert torch.equal(nulls, nulls_per_layer) and torch.equal(rec, rec_per_layer)
-    assert {name: (t, t.dtype) for name, t in unet.named_parameters()} == before
-    assert all(t.grad is None for t in unet.parameters())
-    assert [m.comfy_cast_weights for m in unet.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)] == flags
+        per_layer = invert()
+    with monkeypatch.context() as m:
+        m.setattr(env.sampling, "_fits", lambda *_: False)
+        no_room = invert()
+    assert once == 0 < per_layer[2] == no_room[2]
+    for other in (per_layer, no_room):
+        assert torch.equal(nulls, other[0]) and torch.equal(rec, other[1])
+    assert all(t is before[name] and t.grad is None for name, t in unet.named_parameters())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

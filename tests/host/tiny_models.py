@@ -164,9 +164,9 @@ def tiny_sd1(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _build("sd1", seed, dtype)
 
 
-def tiny_sdxl(seed: int = 0):
-    """``(MODEL, CLIP, VAE)`` of a tiny SDXL-shaped model (two text towers, adm conditioning)."""
-    return _build("sdxl", seed)
+def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(MODEL, CLIP, VAE)`` of a tiny SDXL-shaped model (two text towers, adm conditioning; ``dtype``: the UNet's)."""
+    return _build("sdxl", seed, dtype)
 
 
 @functools.cache
@@ -191,7 +191,7 @@ def _build(kind: str, seed: int, dtype: torch.dtype = torch.float32):
             model = _unet(comfy.model_base.BaseModel, TinySD15(SD1_UNET), gen, dtype)
             clip = _clip(TinySD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": SD1_CLIP_L}, gen)
         else:
-            model = _unet(comfy.model_base.SDXL, TinySDXL(SDXL_UNET), gen)
+            model = _unet(comfy.model_base.SDXL, TinySDXL(SDXL_UNET), gen, dtype)
             clip = _clip(
                 TinySDXLTokenizer,
                 comfy.sdxl_clip.SDXLClipModel,
