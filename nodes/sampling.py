@@ -129,7 +129,7 @@ def weights_cast_once(patcher, device):
     """
     base_model = patcher.model
     dtype = base_model.manual_cast_dtype
-    layers = [] if dtype is None or patcher.hook_patches else [
+    layers = [] if dtype is None or getattr(patcher, "hook_patches", None) else [
         m for m in base_model.diffusion_model.modules()
         if getattr(type(m), "forward_comfy_cast_weights", None) in _PLAIN_CASTS and m.comfy_cast_weights
         and not m.weight_function and not m.bias_function

@@ -552,6 +552,19 @@ def test_null_text_inversion_casts_half_weights_once_with_the_same_result(env, d
     assert all(t is before[name] and t.grad is None for name, t in unet.named_parameters())
 
 
+def test_weights_cast_once_leaves_weights_that_hooks_patch_to_the_host(env):
+    """Weight hooks (``comfy.hooks``) patch the stored weights during sampling: with any registered, the casts are
+    left to the host's per-layer path (the hook would write into the copies, and round to their dtype)."""
+    base = half(torch.float16).model
+    weight = base.diffusion_model.out[-1].weight
+    with env.sampling._computing_in(base, torch.float32):       # the compute dtype a loaded NTI clone has
+        for hooks, expected in (({}, torch.float32), ({"a hook": {}}, torch.float16)):
+            patcher = types.SimpleNamespace(model=base, hook_patches=hooks)
+            with env.sampling.weights_cast_once(patcher, weight.device):
+                assert base.diffusion_model.out[-1].weight.dtype == expected
+            assert base.diffusion_model.out[-1].weight is weight
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_palp_lora_gradient_in_half_precision_points_where_fp32_does(env, pack, dtype):
     assert_direction(lambda m: lora_pass(env, pack, m or env.model), getattr(torch, dtype), "LoRA")
