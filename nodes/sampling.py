@@ -103,7 +103,7 @@ def readable_weights(modules):
         _HELD.difference_update(id(m) for m in modules)
 
 
-# the host's layers whose cast path only casts the stored weight (``cast_bias_weight``) and computes as torch does
+# the host's layers whose cast path is ``cast_bias_weight`` of the stored weight and bias and nothing else (not fp8's)
 _PLAIN_CASTS = {getattr(comfy.ops.disable_weight_init, name).forward_comfy_cast_weights
                 for name in ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm")}
 
