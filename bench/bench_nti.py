@@ -2,7 +2,7 @@
 on the same host model, in reconstruction PSNR and in time.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_nti.py [--size tiny|sd15] [--device cpu|cuda]
-        [--steps 10 20] [--res 128] [--repeats 3] [--weights float16]
+        [--steps 10 20] [--res 128] [--repeats 3] [--weights float16] [--profile]
 
 Goals (issue 11): PSNR within 0.05 dB of the reference's on identical weights; time ≤ the reference's.
 
@@ -126,6 +126,28 @@ def frozen_fp32_copy(unet):
     return clone
 
 
+def profile(name: str, fn, device: str, rows: int = 15) -> dict:
+    """``fn`` once under torch.profiler: its operator count and top operators by self time (CPU, and CUDA on a
+    GPU). Returns {operator: (calls, self CPU µs)}."""
+    import torch
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+    table = prof.key_averages()
+    print(f"  profile of {name}: {sum(e.count for e in table)} operator calls")
+    for key in ["self_cpu_time_total"] + (["self_device_time_total"] if device == "cuda" else []):
+        print(table.table(sort_by=key, row_limit=rows))
+    return {e.key: (e.count, e.self_cpu_time_total) for e in table}
+
+
+def profile_difference(ours: dict, theirs: dict, rows: int = 12) -> None:
+    """The operators ours calls more often than the reference, most extra self CPU time first."""
+    extra = {k: (n - theirs.get(k, (0, 0))[0], t - theirs.get(k, (0, 0))[1]) for k, (n, t) in ours.items()}
+    print("  ours − reference: operator, extra calls, extra self CPU ms")
+    for key, (n, t) in sorted(extra.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"    {key:50s} {n:+7d} {t / 1e3:+9.2f}")
+
+
 def psnr(a, b) -> float:
     import torch
     return (10 * torch.log10(1.0 / torch.mean((a.float() - b.float()) ** 2))).item()
@@ -138,6 +160,9 @@ def main():
     ap.add_argument("--compute-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
                     help="the trial of issue 11 (GPU): our UNet passes computing in these dtypes instead of fp32, the "
                          "null embedding and its optimiser staying fp32; each against ours in fp32, PSNR and time")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run ours and the reference once each under torch.profiler and print their top operators "
+                         "(where ours spends what the reference does not: the GPU's 1.51x of the first lease)")
     args = ap.parse_args()
     start(args)
 
@@ -207,6 +232,8 @@ def main():
                **{dtype: ours_in(dtype) for dtype in args.compute_dtypes if dtype != "float32"}}
         for fn in fns.values():
             fn()                                                    # warm-up
+        if args.profile:
+            profile_difference(*(profile(name, fns[name], args.device) for name in ("ours", "reference")))
         t = timed(fns, args.repeats, clock(args.device, args.threads))
         with torch.inference_mode():
             ours_image = vae.decode(out["ours"])
