@@ -192,12 +192,15 @@ def main():
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", steps)
         out = {}
 
-        @synchronized(args.device)
-        def ours():
-            with torch.inference_mode():
-                out["ours"] = inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform",
-                                                         GUIDANCE, args.inner, 1e-2, 1e-5, "",
-                                                         latent={"samples": samples}).args[1]["samples"]
+        def ours_with(key, context=contextlib.nullcontext):
+            """NullTextInvert into ``out[key]``, inside ``context()`` (a variant of the pack's code)."""
+            @synchronized(args.device)
+            def run():
+                with context(), torch.inference_mode():
+                    out[key] = inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform",
+                                                          GUIDANCE, args.inner, 1e-2, 1e-5, "",
+                                                          latent={"samples": samples}).args[1]["samples"]
+            return run
 
         @synchronized(args.device)
         def theirs():
@@ -211,21 +214,11 @@ def main():
                                            torch.randn(samples.shape, generator=torch.Generator().manual_seed(0)),
                                            disable_pbar=True)
 
+        ours = ours_with("ours")
+        per_layer = ours_with("per-layer cast",
+                              lambda: patched(inv, "weights_cast_once", lambda *_: contextlib.nullcontext()))
         def ours_in(dtype):
-            @synchronized(args.device)
-            def run():
-                with inverting_in(inv, getattr(torch, dtype)), torch.inference_mode():
-                    out[dtype] = inv.NullTextInvert.execute(model, clip, PROMPT, "null-text", steps, "ddim_uniform",
-                                                            GUIDANCE, args.inner, 1e-2, 1e-5, "",
-                                                            latent={"samples": samples}).args[1]["samples"]
-            return run
-
-        @synchronized(args.device)
-        def per_layer():
-            with patched(inv, "weights_cast_once", lambda *_: contextlib.nullcontext()), torch.inference_mode():
-                out["per-layer cast"] = inv.NullTextInvert.execute(
-                    model, clip, PROMPT, "null-text", steps, "ddim_uniform", GUIDANCE, args.inner, 1e-2, 1e-5, "",
-                    latent={"samples": samples}).args[1]["samples"]
+            return ours_with(dtype, lambda: inverting_in(inv, getattr(torch, dtype)))
 
         half = model.model.manual_cast_dtype is None and model.model_dtype() != torch.float32
         fns = {"ours": ours, "reference": theirs, "plain": plain, **({"per-layer cast": per_layer} if half else {}),

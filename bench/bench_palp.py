@@ -85,8 +85,7 @@ def main():
         for variant in VARIANTS:
             fns[variant] = lambda v=variant: run(v, args.steps)
             fns[variant + " 1"] = lambda v=variant: run(v, 1)
-        import torch
-        times = timed(fns, args.repeats, clock(args.device, torch.get_num_threads()))
+        times = timed(fns, args.repeats, clock(args.device, args.threads))
         # per repeat: the step's time, and its ratio to the plain step of the same repeat
         step = {v: [(n - one) / (args.steps - 1) for n, one in zip(times[v], times[v + " 1"])] for v in VARIANTS}
         for variant, seconds in step.items():

@@ -347,18 +347,16 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
         n = len(sigmas) - 1
         bar = progress(n * (1 + (inner_steps if mode == NULL_TEXT else int(reconstruct))))
         denoise = _denoiser(loop)
-        uncond = loop.context("negative")
         # the whole loop loads no other model: the UNet's weights are made readable once, not per gradient pass,
         # and for null-text's gradient passes on half-precision weights cast to fp32 once
-        cast = weights_cast_once(loop.guider.model_patcher, x.device) if mode == NULL_TEXT and inner_steps else \
-            contextlib.nullcontext()
+        cast = weights_cast_once(loop.guider.model_patcher, x.device) if mode == NULL_TEXT else contextlib.nullcontext()
         with grad_enabled(), readable_weights([loop.base_model.diffusion_model]), cast:
             # the schedule is an inference tensor, which autograd refuses to save for backward
             sigmas = sigmas.detach().clone()
             trajectory = ddim_invert(denoise, x, sigmas, POSITIVE, on_step=lambda done, _: bar(done))
             if mode == NULL_TEXT:
-                nti = null_text_invert(denoise, trajectory, sigmas, POSITIVE, uncond, cfg, inner_steps, lr,
-                                       early_stop, on_step=lambda done, _: bar(n + done))
+                nti = null_text_invert(denoise, trajectory, sigmas, POSITIVE, loop.context("negative"), cfg,
+                                       inner_steps, lr, early_stop, on_step=lambda done, _: bar(n + done))
                 latent, nulls, losses = nti.latent, nti.null_embeddings, nti.losses
             elif reconstruct:
                 nulls = losses = None
@@ -462,12 +460,14 @@ class NullTextInvert(io.ComfyNode):
         source = "IMAGE" if image is not None else "LATENT"
         host.require_finite(image if image is not None else latent["samples"], f"the reference {source}",
                             "fix the node that made it (e.g. a VAE overflowing in fp16) before inverting.")
-        samples = vae.encode(image[:, :, :, :3]) if image is not None else latent["samples"]
-        host.require_finite(samples, "the VAE's encoding of the reference IMAGE", "the VAE overflowed (run it in "
-                            "fp32, e.g. --fp32-vae) before inverting.")
+        if image is not None:
+            samples = vae.encode(image[:, :, :, :3])
+            host.require_finite(samples, "the VAE's encoding of the reference IMAGE", "the VAE overflowed (run it in "
+                                "fp32, e.g. --fp32-vae) before inverting.")
+        else:
+            samples = latent["samples"]
         if samples.shape[0] != 1:
-            raise ValueError(f"invert one reference at a time: the {'IMAGE' if image is not None else 'LATENT'} "
-                             f"holds a batch of {samples.shape[0]}.")
+            raise ValueError(f"invert one reference at a time: the {source} holds a batch of {samples.shape[0]}.")
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 
@@ -71,7 +72,7 @@ def _needs_alias(tensor) -> bool:
     return type(tensor) in (torch.Tensor, torch.nn.Parameter) and (tensor.is_inference() or tensor.requires_grad)
 
 
-_HELD = set()  # ids of the modules an enclosing readable_weights block holds: nested blocks skip them
+_HELD = set()  # ids of the modules (submodules too) an enclosing readable_weights block holds: nested blocks skip them
 
 
 @contextlib.contextmanager
@@ -82,25 +83,29 @@ def readable_weights(modules):
     Held for one pass (the host may move weights between passes, e.g. when a text encoder is loaded), or
     around a whole loop that loads no other model on its way (null-text inversion, the P&D sampler): the
     gradient passes inside then skip their own swap (two walks over every parameter per pass, Python time
-    that showed on a small UNet), and the passes without gradient read the same memory, with the same
-    result bit for bit. A graph built inside keeps the aliases, so its backward may run after the block.
+    that showed on a small UNet), and so do the blocks that gradient checkpointing recomputes in backward;
+    the passes without gradient read the same memory, with the same result bit for bit. A graph built
+    inside keeps the aliases, so its backward may run after the block.
     """
     modules = [m for m in modules if id(m) not in _HELD]
-    swapped = []
-    _HELD.update(id(m) for m in modules)
+    swapped, held = [], set()
     try:
         for module in modules:
             for sub in module.modules():
+                if id(sub) in _HELD or id(sub) in held:
+                    continue
+                held.add(id(sub))
                 for table in (sub._parameters, sub._buffers):
                     for name, tensor in list(table.items()):
                         if tensor is not None and _needs_alias(tensor):
                             table[name] = _alias(tensor)
                             swapped.append((table, name, tensor))
+        _HELD.update(held)
         yield
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
-        _HELD.difference_update(id(m) for m in modules)
+        _HELD.difference_update(held)
 
 
 # the host's layers whose cast path is ``cast_bias_weight`` of the stored weight and bias and nothing else (not fp8's)
@@ -254,11 +259,22 @@ def _gradient_options(model_options: dict, controlled: bool) -> dict:
     return {**model_options, "transformer_options": options}
 
 
+_CAST_LAYERS = weakref.WeakKeyDictionary()
+
+
+def _cast_layers(module) -> list:
+    """The host's cast layers in ``module``, found once per module (a gradient pass and each checkpointed block's
+    recomputation ask again)."""
+    if module not in _CAST_LAYERS:
+        _CAST_LAYERS[module] = [m for m in module.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    return _CAST_LAYERS[module]
+
+
 @contextlib.contextmanager
 def _computing_in(base_model, dtype, module=None):
     """The UNet (or one ``module`` of it) computes in ``dtype`` (the host's manual cast: weights cast per
     layer) for one pass."""
-    layers = [m for m in (module or base_model.diffusion_model).modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    layers = _cast_layers(module or base_model.diffusion_model)
     saved = base_model.manual_cast_dtype, [m.comfy_cast_weights for m in layers]
     base_model.manual_cast_dtype = dtype
     for m in layers:

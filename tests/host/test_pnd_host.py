@@ -35,10 +35,15 @@ def reference_image(env):
 
 
 def reference_inversion(env, steps, model=None):
-    """The reference inverted by the pack's own NullTextInvert (plain DDIM mode: the palette reads only the pivots)."""
-    with torch.inference_mode():
-        return env.inversion.NullTextInvert.execute(model or env.model, env.clip, REF_PROMPT, "ddim", steps, "ddim_uniform",
-                                                    7.5, 10, 1e-2, 1e-5, "", image=reference_image(env), vae=env.vae).args[0]
+    """The reference inverted by the pack's own NullTextInvert (plain DDIM mode: the palette reads only the pivots);
+    made once per module, step count and model (nothing changes an inversion)."""
+    made = vars(env).setdefault("inversions", {})
+    if (steps, model) not in made:
+        with torch.inference_mode():
+            made[steps, model] = env.inversion.NullTextInvert.execute(
+                model or env.model, env.clip, REF_PROMPT, "ddim", steps, "ddim_uniform", 7.5, 10, 1e-2, 1e-5, "",
+                image=reference_image(env), vae=env.vae).args[0]
+    return made[steps, model]
 
 
 def terms(env, sigmas, latent):
