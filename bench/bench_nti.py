@@ -29,7 +29,7 @@ import contextlib
 import copy
 
 from common import (clock, emit, inverting_in, min_median, models, parser, patched, ratio_stats, start,
-                    synchronized, timed)
+                    synchronized, tf32_matmuls, timed)
 
 PROMPT = "a photo of a dog"
 GUIDANCE = 7.5
@@ -157,9 +157,10 @@ def main():
     ap = parser(repeats=3)
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20])
     ap.add_argument("--inner", type=int, default=10, help="inner Adam iterations per step")
-    ap.add_argument("--compute-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
-                    help="the trial of issue 11 (GPU): our UNet passes computing in these dtypes instead of fp32, the "
-                         "null embedding and its optimiser staying fp32; each against ours in fp32, PSNR and time")
+    ap.add_argument("--compute-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "tf32"],
+                    help="the trial of issue 11 (GPU): our UNet passes computing in these dtypes instead of fp32 (tf32: "
+                         "fp32 with TF32 matrix products, CUDA), the null embedding and its optimiser staying fp32; "
+                         "each against ours in fp32, PSNR and time")
     ap.add_argument("--profile", action="store_true",
                     help="also run ours and the reference once each under torch.profiler and print their top operators "
                          "(where ours spends what the reference does not: the GPU's 1.51x of the first lease)")
@@ -218,7 +219,7 @@ def main():
         per_layer = ours_with("per-layer cast",
                               lambda: patched(inv, "weights_cast_once", lambda *_: contextlib.nullcontext()))
         def ours_in(dtype):
-            return ours_with(dtype, lambda: inverting_in(inv, getattr(torch, dtype)))
+            return ours_with(dtype, tf32_matmuls if dtype == "tf32" else lambda: inverting_in(inv, getattr(torch, dtype)))
 
         half = model.model.manual_cast_dtype is None and model.model_dtype() != torch.float32
         fns = {"ours": ours, "reference": theirs, "plain": plain, **({"per-layer cast": per_layer} if half else {}),

@@ -22,7 +22,8 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
 """
 from __future__ import annotations
 
-from common import clock, emit, inverting_in, min_median, models, parser, patched, ratio_stats, start, synchronized, timed
+from common import (clock, emit, inverting_in, min_median, models, parser, patched, ratio_stats, start, synchronized,
+                    tf32_matmuls, timed)
 
 PROMPT, TEMPLATE = "a photo of a sks dog in the water", "a photo of a dog in the water"
 LAYOUT_WINDOW, APPEARANCE_WINDOW = (0.0, 0.2), (0.2, 0.4)    # percent of the schedule (Fig. 8's steps [0,10), [10,20))
@@ -169,8 +170,9 @@ def main():
 def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd):
     """Issue 11's GPU question for P&D: what fp32 costs where the model computes in fp16. (1) the guidance
     gradient passes in the model's own fp16 (no upcast) against fp32: time of guided sampling, and the cosine
-    and norm ratio of what guidance moves in the result (guided − plain); (2) the DDIM inversion (NullTextInvert
-    'ddim', fp32 by default) in fp16: its time, and the relative difference of its pivots."""
+    and norm ratio of what guidance moves in the result (guided − plain); on CUDA also fp32 passes with TF32
+    matrix products (fp32's range, so no gradient underflows as in fp16); (2) the DDIM inversion
+    (NullTextInvert 'ddim', fp32 by default) in fp16: its time, and the relative difference of its pivots."""
     import contextlib
     import comfy.samplers
     import torch
@@ -181,10 +183,12 @@ def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, in
     passes_in_own = lambda: patched(pnd, "gradient_model", lambda m: sampling.gradient_model(m, own))
     out = {}
 
+    variants = {False: contextlib.nullcontext, True: passes_in_own, "tf32": tf32_matmuls}
+
     def guided(trial):
         @synchronized(args.device)
         def run():
-            with passes_in_own() if trial else contextlib.nullcontext(), torch.inference_mode():
+            with variants[trial](), torch.inference_mode():
                 out[trial] = sample(*prepare(inversion), sigmas).float()
         return run
 
@@ -200,23 +204,40 @@ def precision_trials(args, model, inversion, invert, prepare, sample, sigmas, in
         with torch.inference_mode():
             out["plain"] = sample(model, comfy.samplers.sampler_object("euler"), sigmas).float()
 
-    fns = {"fp32 passes": guided(False), f"{name} passes": guided(True), "plain": plain,
+    tf32 = {"fp32 passes, TF32": guided("tf32")} if args.device == "cuda" else {}
+    fns = {"fp32 passes": guided(False), f"{name} passes": guided(True), **tf32, "plain": plain,
            "fp32 inversion": inverted(False), f"{name} inversion": inverted(True)}
     for fn in fns.values():
         fn()
+    first = out[False]
     t = timed(fns, args.repeats, clock(args.device, args.threads))
-    moved = {k: (out[k] - out["plain"]).flatten() for k in (False, True)}
-    cos = torch.nn.functional.cosine_similarity(moved[True].double(), moved[False].double(), 0).item()
-    norm = (moved[True].norm() / moved[False].norm()).item()
+    moved = {k: (out[k] - out["plain"]).flatten().double() for k in variants if k in out}
+    moved["rerun"] = (first - out["plain"]).flatten().double()     # the floor: fp32 against its own re-run
+
+    def against_fp32(k):
+        """Cosine and norm ratio of what guidance moves with variant ``k`` against fp32 passes."""
+        return (torch.nn.functional.cosine_similarity(moved[k], moved[False], 0).item(),
+                (moved[k].norm() / moved[False].norm()).item())
+    cos, norm = against_fp32(True)
+    floor = against_fp32("rerun")[0]
     pivots = ((out["inversion", True] - out["inversion", False]).norm() / out["inversion", False].norm()).item()
     passes, inverting = ratio_stats(t, f"{name} passes", "fp32 passes"), ratio_stats(t, f"{name} inversion", "fp32 inversion")
     inversion_share = ratio_stats(t, "fp32 inversion", "plain")
     print(f"trial: guidance passes in {name}: guided sampling time {passes[0]:.2f}/{passes[1]:.2f} of fp32's; what "
-          f"guidance moves: cosine {cos:.4f}, norm ratio {norm:.3f} against fp32 passes")
+          f"guidance moves: cosine {cos:.4f}, norm ratio {norm:.3f} against fp32 passes (fp32 against its own "
+          f"re-run: cosine {floor:.4f})")
     print(f"trial: DDIM inversion in {name}: time {inverting[0]:.2f}/{inverting[1]:.2f} of fp32's (fp32 inversion = "
           f"{inversion_share[1]:.2f}x a plain sampling); pivots differ by {pivots:.2e} (relative)")
-    return [{"what": f"P&D trial: guidance passes in {name} / fp32, guided sampling time", "values": list(passes),
-             "goal": "", "note": f"displacement cosine {cos:.4f}, norm ratio {norm:.3f}"},
+    rows = []
+    if tf32:
+        speed, (cos32, norm32) = ratio_stats(t, "fp32 passes, TF32", "fp32 passes"), against_fp32("tf32")
+        print(f"trial: guidance passes in fp32 with TF32 products: guided sampling time {speed[0]:.2f}/{speed[1]:.2f} "
+              f"of fp32's; what guidance moves: cosine {cos32:.4f}, norm ratio {norm32:.3f} against fp32 passes")
+        rows.append({"what": "P&D trial: guidance passes in fp32 with TF32 products / fp32, guided sampling time",
+                     "values": list(speed), "goal": "", "note": f"displacement cosine {cos32:.4f}, norm ratio {norm32:.3f}"})
+    return rows + [
+            {"what": f"P&D trial: guidance passes in {name} / fp32, guided sampling time", "values": list(passes),
+             "goal": "", "note": f"displacement cosine {cos:.4f}, norm ratio {norm:.3f}; fp32 re-run {floor:.4f}"},
             {"what": f"P&D trial: DDIM inversion in {name} / fp32, time", "values": list(inverting), "goal": "",
              "note": f"pivots differ by {pivots:.2e}; fp32 inversion {inversion_share[1]:.2f}x plain"}]
 

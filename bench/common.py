@@ -56,6 +56,19 @@ def inverting_in(inv, dtype):
     return patched(inv, "gradient_model", lambda model, _fp32: original(model, dtype))
 
 
+@contextlib.contextmanager
+def tf32_matmuls():
+    """fp32 matrix products on TF32 tensor cores inside (CUDA: fp32's range, a 10-bit mantissa for the products'
+    inputs, fp32 accumulation; cuDNN's convolutions use TF32 by default already, the host leaves both flags alone)."""
+    import torch
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def synchronized(device: str):
     """Decorator: wait for the GPU's queued work before returning, so wall times cover it."""
     def wrap(fn):
