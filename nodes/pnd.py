@@ -6,6 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 
@@ -195,8 +196,32 @@ class LayoutGuidance(io.ComfyNode):
         return io.NodeOutput(term)
 
 
+NO_SAMPLER = ("the Pick-and-Draw Sampler's MODEL was sampled without its SAMPLER ({}): the appearance and layout "
+              "terms would be ignored and the image would be plain sampling. Wire both outputs of the Pick-and-Draw "
+              "Sampler node into SamplerCustom or SamplerCustomAdvanced (MODEL → model, SAMPLER → sampler), not into "
+              "KSampler.")
+
+
+def _needs_own_sampler(runs: list):
+    """OUTER_SAMPLE wrapper of the P&D MODEL: a sampling run must be driven by the P&D SAMPLER.
+
+    A stock sampler (KSampler, KSamplerSelect) is refused before it starts; any other sampler (another pack's
+    wrapper around ours, say) is checked after the run, by whether ours ran (it counts its runs in ``runs[0]``).
+    """
+    def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        if isinstance(sampler, comfy.samplers.KSAMPLER) and sampler.sampler_function is not sample_pick_and_draw and \
+                not any(isinstance(v, comfy.samplers.Sampler) for v in sampler.extra_options.values()):
+            raise ValueError(NO_SAMPLER.format(f"a stock sampler, {getattr(sampler.sampler_function, '__name__', '?')}"))
+        before = runs[0]
+        output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        if runs[0] == before:
+            raise ValueError(NO_SAMPLER.format(f"the sampler was {type(sampler).__name__}"))
+        return output
+    return wrapper
+
+
 def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disable=None, store=None, terms=(),
-                         eta=0.1, normalise=True, subject=""):
+                         eta=0.1, normalise=True, subject="", runs=None):
     """The SAMPLER's function: P&D guided Euler sampling (``guidance.pnd.sample_guided``) in the host's loop.
 
     Inside a window each active term's gradient comes from one extra cond-only pass with live maps and
@@ -207,6 +232,7 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
     if loop.guider.model_options.get("transformer_options", {}).get(MARK) is not store:
         raise ValueError("the Pick-and-Draw SAMPLER needs the MODEL from the same Pick-and-Draw Sampler node: wire that "
                          "node's MODEL output into the sampler node too.")
+    runs[0] += 1
     schedule = [float(s) for s in sigmas]
     for term in terms:
         if not any(term.active(s) for s in schedule[:-1]):
@@ -334,9 +360,11 @@ class PickAndDrawSampler(io.ComfyNode):
         prepared = host.install_capture(with_gradient_checkpointing(gradient_model(model), gradient_checkpointing),
                                         store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
+        runs = [0]
+        prepared.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MARK, _needs_own_sampler(runs))
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
                                           extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,
-                                                         "subject": subject})
+                                                         "subject": subject, "runs": runs})
         return io.NodeOutput(host.check_sampler_prompt(prepared, clip, prompt, "Pick-and-Draw Sampler"), sampler)
 
 

@@ -100,7 +100,7 @@ def test_guidance_changes_the_image_deterministically(env):
         prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True,
                                                                appearance, layout).args
     a, b = sample_custom(prepared, sampler, sigmas, latent, env), sample_custom(prepared, sampler, sigmas, latent, env)
-    plain = sample_custom(prepared, env.pnd.comfy.samplers.sampler_object("euler"), sigmas, latent, env)
+    plain = sample_custom(env.model, env.pnd.comfy.samplers.sampler_object("euler"), sigmas, latent, env)
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert (a - plain).abs().max() > 1e-2
 
@@ -113,6 +113,9 @@ def test_each_loss_decreases_at_every_guided_step(env):
     with torch.inference_mode():
         prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.05, True,
                                                                appearance, layout).args
+    # this probe drives the P&D MODEL with its own loop, which the MODEL's check would refuse as a foreign sampler
+    prepared = prepared.clone()
+    prepared.remove_wrappers_with_key(env.pnd.comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, env.pnd.MARK)
     store = sampler.extra_options["store"]
     checked = []
 
@@ -162,6 +165,38 @@ def test_bad_inputs_are_refused_with_messages(env):
         sample_custom(prepared, sampler, schedule(env.model, 12), latent, env)
     with pytest.raises(ValueError, match="needs the MODEL from the same Pick-and-Draw Sampler"):
         sample_custom(env.model, sampler, sigmas, latent, env)
+
+
+def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
+    """Its MODEL with a stock sampler would sample plainly, the terms ignored: refused before the run; a sampler
+    of another pack that drives ours runs; one that does not is refused after its run."""
+    import comfy.sample
+    import comfy.samplers
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    appearance, layout = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.5, True,
+                                                               appearance, layout).args
+    steps = []
+    with pytest.raises(ValueError, match="sampled without its SAMPLER .*stock sampler.*not into KSampler"):
+        with torch.inference_mode():        # the KSampler node's path
+            comfy.sample.sample(prepared, noise_object().generate_noise({"samples": latent}), 10, 7.5, "euler",
+                                "normal", env.encode(PROMPT), env.encode(""), latent,
+                                callback=lambda *a: steps.append(a), disable_pbar=True)
+    assert steps == [], "refused before the first step"
+
+    def driving(model, x, sigmas, inner=None, **kwargs):       # another pack's wrapper around a SAMPLER input
+        return inner.sampler_function(model, x, sigmas, **kwargs, **inner.extra_options)
+    wrapped = comfy.samplers.KSAMPLER(driving, extra_options={"inner": sampler})
+    assert torch.equal(sample_custom(prepared, wrapped, sigmas, latent, env),
+                       sample_custom(prepared, sampler, sigmas, latent, env))
+
+    class Plain(comfy.samplers.Sampler):                        # a sampler that never calls ours
+        def sample(self, *args, **kwargs):
+            return comfy.samplers.sampler_object("euler").sample(*args, **kwargs)
+    with pytest.raises(ValueError, match="sampled without its SAMPLER .*the sampler was Plain"):
+        sample_custom(prepared, Plain(), sigmas, latent, env)
+    sample_custom(prepared, sampler, sigmas, latent, env)       # and the node's own pair still samples after that
 
 
 def test_null_text_and_ddim_inversions_give_the_identical_palette(env):
