@@ -111,7 +111,7 @@ def adaptive_mask(
         raise ValueError(f"combine must be 'or' or 'refine', got {combine!r}")
     size = tuple(size or (sam_mask if sam_mask is not None else cross_mask).shape[-2:])
     cross = _binary(cross_mask, size)
-    sam = None if sam_mask is None else _binary(sam_mask, size)
+    sam = None if sam_mask is None else _binary(sam_mask.to(cross.device), size)
     if combine == "refine" and sam is not None:
         cross = cross * sam
     confident = remove_small_components(cross, min_component)

@@ -6,6 +6,8 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management
+
 from ..attention.layers import RULE_HELP, parse_rule, select_layers
 from ..attention.preview import attention_mask, map_grid, mean_map
 from ..attention.store import AttentionStore, parse_steps
@@ -110,7 +112,8 @@ class AttentionMaps(io.ComfyNode):
         if not mask.any():
             log.warning("Attention Maps: the mask is empty: no cell of the averaged map of %s reaches mask_threshold "
                         "%g; lower the threshold (0 gives the soft map).", ", ".join(store.words), mask_threshold)
-        grid = torch.stack(grids)
+        # the store may keep its runs on the GPU (--highvram); IMAGE and MASK go where the host's nodes keep theirs
+        grid, mask = (t.to(comfy.model_management.intermediate_device()) for t in (torch.stack(grids), mask))
         return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))
 
 

@@ -455,4 +455,5 @@ def run_loop(model, positive, negative, latent, sigmas, fn, noise=None, cfg=1.0,
     sampler = comfy.samplers.KSAMPLER(sampler_function)
     noise = torch.zeros_like(latent) if noise is None else noise
     out = guider.sample(noise, latent, sampler, sigmas, seed=seed, disable_pbar=True)
-    return out, holder["result"]
+    # where the host's samplers return a LATENT (comfy.sample.sample*), so it meets other nodes' tensors there
+    return out.to(comfy.model_management.intermediate_device()), holder["result"]

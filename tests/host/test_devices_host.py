@@ -97,23 +97,29 @@ def test_null_text_inversion_saved_and_loaded_keeps_devices_apart(env, host):
     plain, virtual, mode = twice(flow, env)
     assert torch.equal(plain[0], virtual[0]) and torch.equal(plain[1], virtual[1])
     assert all(torch.equal(a, b) for a, b in zip(plain[2], virtual[2]))
+    assert mode.device_of(virtual[0]) == HOST, "the reconstruction LATENT comes back where the host's samplers put theirs"
 
 
-def test_layout_and_retouch_masks_and_swap_keep_devices_apart(env):
-    """MultiSourceAttnSwap: the capture store's M^c (offloaded), a MASK input (CPU) and the swap masks."""
+@pytest.mark.parametrize("mask_on", ["cpu", "compute device"])
+def test_layout_and_retouch_masks_and_swap_keep_devices_apart(env, mask_on):
+    """MultiSourceAttnSwap: the capture store's M^c (offloaded), a MASK input (on the CPU, or on the GPU as another
+    node may leave it) and the swap masks; its LATENT comes back where the host's samplers put theirs."""
     def flow(model, mode):
         inversions = [env.inv.NullTextInvert.execute(model, env.clip, "", "ddim", 6, "normal", 7.5, 10, 1e-2, 1e-5, "",
                                                      image=place(mode, image(env, s, 64)), vae=env.vae,
                                                      reconstruct=False).args[0] for s in (7, 8)]
-        mask = place(mode, (torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float())
+        mask = (torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+        if mode is not None:
+            mode.place(mask, COMPUTE if mask_on == "compute device" else HOST)
         out, used = env.lnr.MultiSourceAttnSwap.execute(
             model, *inversions, env.encode(REF_PROMPT), env.encode(PROMPT), env.encode(""), 7.5, 2, 4, "auto", "auto",
             env.clip, PROMPT, "dog", mask, 0.1).args
         return out["samples"], used
 
-    plain, virtual, _ = twice(flow, env)
+    plain, virtual, mode = twice(flow, env)
     assert torch.equal(plain[0], virtual[0]) and torch.equal(plain[1], virtual[1])
     assert 0 < plain[1].mean() < 1, "the blend mask must be used (else the test shows nothing)"
+    assert mode.device_of(virtual[0]) == HOST
 
 
 def test_attention_capture_and_maps_keep_devices_apart(env):
@@ -129,3 +135,26 @@ def test_attention_capture_and_maps_keep_devices_apart(env):
 
     plain, virtual, _ = twice(flow, env)
     assert torch.equal(plain[0], virtual[0]) and torch.equal(plain[1], virtual[1])
+
+
+def test_attention_maps_of_a_store_kept_on_the_gpu(env):
+    """Under --highvram / --gpu-only the host's offload device is the GPU, so the capture keeps its runs there:
+    Attention Maps' grid and MASK still come back to the CPU, and the MASK joins a SAM mask in Adaptive Mask."""
+    import comfy.sample
+    from comfyui_personalize.nodes.masks import AdaptiveMask
+
+    def flow(model, mode):
+        if mode is not None:
+            model.offload_device = COMPUTE
+        captured, store = env.cap.AttentionCapture.execute(model, env.clip, PROMPT, "dog", "cross", "all", "").args
+        noise = place(mode, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+        samples = comfy.sample.sample(captured, noise, 4, 7.5, "euler", "normal", env.encode(PROMPT), env.encode(""),
+                                      place(mode, torch.zeros_like(noise)), disable_pbar=True, seed=0)
+        grid, mask = env.cap.AttentionMaps.execute(store, {"samples": samples}, "cond", "decoder", 0.3, 16).args
+        sam = place(mode, (torch.rand(1, 128, 128, generator=torch.Generator().manual_seed(1)) > 0.7).float())
+        where = None if mode is None else [mode.device_of(t) for t in (grid, mask)]
+        return grid, mask, AdaptiveMask.execute(mask, "or", 0.1, 0.01, True, sam_mask=sam).args[0], where
+
+    plain, virtual, _ = twice(flow, env)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], virtual[:3]))
+    assert virtual[3] == [HOST, HOST]
