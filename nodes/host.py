@@ -28,6 +28,17 @@ def encode_text(clip, text: str):
     return out["cond"], out.get("pooled_output")
 
 
+def require_clip_for(model, clip, where: str) -> None:
+    """Refuse a CLIP whose text embedding the model's cross-attention cannot read (an SD1.x CLIP with an SDXL
+    model, or the reverse), before a long loop fails on it deep inside the UNet with a shape error."""
+    width = model.model.model_config.unet_config.get("context_dim")
+    encoded = encode_text(clip, "")[0].shape[-1]
+    if width is not None and encoded != width:
+        raise ValueError(f"{where}: the CLIP encodes text {encoded} wide but this model's cross-attention reads "
+                         f"{width}-wide text: the CLIP and the MODEL come from different families (e.g. SD1.5's CLIP "
+                         "with an SDXL model). Wire the CLIP of the model's own checkpoint.")
+
+
 def require_finite(tensor: torch.Tensor | None, what: str, todo: str) -> None:
     """Refuse NaN/Inf values: a node never passes them on, or saves them, without a word."""
     if tensor is not None and not bool(torch.isfinite(tensor).all()):

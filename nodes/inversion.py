@@ -449,6 +449,7 @@ class NullTextInvert(io.ComfyNode):
     def execute(cls, model, clip, prompt, mode, steps, scheduler, cfg, inner_steps, lr, early_stop, save_name,
                 image=None, vae=None, latent=None, reconstruct=True) -> io.NodeOutput:
         host.unet_layers(model)        # refuses a DiT with a message: the inversion drives a UNet's cross-attention
+        host.require_clip_for(model, clip, "Null-Text Invert")
         if (image is None) == (latent is None):
             raise ValueError("give the reference either as an IMAGE (with a VAE) or as a LATENT: "
                              f"{'both are' if image is not None else 'neither is'} connected.")

@@ -245,6 +245,12 @@ def test_bad_inputs_give_messages(mod, sd1, reference):
     dit.add_object_patch("diffusion_model", torch.nn.Linear(1, 1))
     with pytest.raises(ValueError, match="DiT"):
         invert(mod, dit, clip, latent=latent)
+    import tiny_models
+    sdxl, sdxl_clip, _ = tiny_models.tiny_sdxl()
+    for unet, text in ((model, sdxl_clip), (sdxl, clip)):      # before the loop, not a shape error deep inside it
+        with pytest.raises(ValueError, match="Null-Text Invert: the CLIP encodes text (96|64) wide but this model's "
+                                             "cross-attention reads (64|96)-wide text"):
+            invert(mod, unet, text, latent=latent)
 
 
 def test_runs_in_the_host_executor(host, mod, reference):
