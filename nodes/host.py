@@ -120,6 +120,14 @@ def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
     return tokens
 
 
+def _embeddings_in(tokenizer, prompt: str) -> list[str]:
+    """The ``embedding:`` names of ``prompt`` the host's tokenizer splices in, in order, found by its own lookup: it
+    drops a name whose file it cannot find (with only a log line), and reads none without an embeddings folder."""
+    if tokenizer.embedding_directory is None:
+        return []
+    return [name for name in embedding_names(prompt) if tokenizer._try_get_embedding(name)[0] is not None]
+
+
 def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tuple[int, ...]], int]:
     """Token positions of ``words`` in ``prompt`` as the host's CLIP lays it out, and the prompt length.
 
@@ -130,7 +138,16 @@ def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tup
     found = {}
     for key, chunks in tokenized.items():
         tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, iter(embedding_names(prompt)))
+        present = _embeddings_in(tokenizer, prompt)
+        for word in words:
+            name = word.strip().removeprefix("embedding:")
+            if name in embedding_names(prompt) and name not in present:
+                raise ValueError(
+                    f"'{word}': the prompt names embedding:{name}, but there is no such embedding file in the "
+                    f"embeddings folder (models/embeddings), so the host left it out of the prompt (its log says "
+                    f"'embedding:{name} does not exist, ignoring'). Put the file there (e.g. the one PALP Trainer "
+                    "wrote), fix the name, or watch another word.")
+        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, iter(present))
         found[key] = (word_positions(tokens, words), len(tokens))
     results = list(found.values())
     if any(r != results[0] for r in results):

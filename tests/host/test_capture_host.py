@@ -78,6 +78,21 @@ def test_word_positions_follow_the_host_tokenizer(host, sd1, pack):
         pack.nodes.host.prompt_word_positions(clip, prompt, ["cat"])
 
 
+def test_a_missing_embedding_file_is_named_and_the_others_keep_their_names(host, sd1, pack):
+    """The host drops an ``embedding:`` whose file it cannot find, with only a log line: watching it is refused
+    with that reason (not "not a word of the prompt"), and an embedding after it is still found by its own name."""
+    from safetensors.torch import save_file
+    save_file({"clip_l": torch.randn(3, 64)}, str(host.embeddings_dir / "tinyemb3.safetensors"))
+    clip = sd1[1]
+    prompt = "a photo of embedding:nosuchfile and embedding:tinyemb3 on the beach"
+    for word in ("embedding:nosuchfile", "nosuchfile"):
+        with pytest.raises(ValueError, match="embedding:nosuchfile, but there is no such embedding file"):
+            pack.nodes.host.prompt_word_positions(clip, prompt, [word])
+    (found,), _ = pack.nodes.host.prompt_word_positions(clip, prompt, ["embedding:tinyemb3"])
+    flat = [t for chunk in clip.tokenize(prompt)["l"] for t in chunk]
+    assert len(found) == 3 and all(isinstance(flat[p][0], torch.Tensor) for p in found)
+
+
 def test_sdxl_encoders_agree_on_positions(host, pack):
     import tiny_models
     clip = tiny_models.tiny_sdxl()[1]
