@@ -16,6 +16,7 @@ of SAG, PAG or a guidance gradient, made with the same patches at the same σ, a
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass, field
 
@@ -24,8 +25,28 @@ import torch
 from .maps import expand_positions
 
 
+# recorded runs a capture keeps, newest first (Attention Maps may read an older run when the host re-runs only it):
+# ~95 runs of one word at SD1.5 size with every cross-attention layer and step (5.4 MB each)
+KEEP_BYTES = 512 * 2**20
+
+
 def every_step(step: int, total: int) -> bool:
     return True
+
+
+def _size(run: "Run") -> int:
+    return sum(t.numel() * t.element_size() for table in (run.maps, run.features) for t in table.values())
+
+
+def _signature(output: torch.Tensor) -> torch.Tensor:
+    """A run's output latent in 1 KB or so (each channel average-pooled to at most 8×8): enough to tell a dropped
+    run's LATENT from another one, without keeping every latent ever sampled."""
+    return torch.nn.functional.adaptive_avg_pool2d(output.float().flatten(0, -4), 8).cpu() if output.dim() >= 4 \
+        else output.float().flatten()[:256].cpu()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def parse_steps(text: str):
@@ -84,17 +105,18 @@ class LiveCapture:
 
 
 class AttentionStore:
-    def __init__(self, words, positions, prompt_len, layers=(), steps=every_step, keep_runs=4,
+    def __init__(self, words, positions, prompt_len, layers=(), steps=every_step, keep_bytes=KEEP_BYTES,
                  dtype=torch.float16, offload_device="cpu"):
         self.words = list(words)
         self.layers = list(layers)
         self.positions = [tuple(p) for p in positions]
         self.prompt_len = prompt_len
         self.steps = steps
-        self.keep_runs = keep_runs
+        self.keep_bytes = keep_bytes
         self.dtype = dtype
         self.offload_device = torch.device(offload_device)
         self.runs: list[Run] = []
+        self._dropped = collections.deque(maxlen=1024)     # signatures of the outputs of runs no longer kept
         self._run: Run | None = None
         self._live: LiveCapture | None = None
         self._sigma_cache = (None, None)
@@ -126,7 +148,9 @@ class AttentionStore:
             return
         run = self._averaged(run)
         run.output = output.detach().float().to(self.offload_device)
-        self.runs = (self.runs + [run])[-self.keep_runs:]
+        self.runs.append(run)
+        while len(self.runs) > 1 and sum(map(_size, self.runs)) > self.keep_bytes:
+            self._dropped.append(_signature(self.runs.pop(0).output))
 
     @contextlib.contextmanager
     def live(self):
@@ -188,12 +212,19 @@ class AttentionStore:
         """The recorded run whose output is ``samples`` (the sampler's LATENT), newest first."""
         samples = samples.detach().float().to(self.offload_device)
         for run in reversed(self.runs):
-            if run.output.shape == samples.shape and torch.allclose(run.output, samples, rtol=1e-3, atol=1e-4):
+            if _same(run.output, samples):
                 return run
         if not self.runs:
             raise LookupError(
                 "no attention maps were recorded: wire the MODEL output of AttentionCapture into the sampler "
                 "that makes this LATENT (and nothing that re-patches the same layers after it)."
+            )
+        if any(_same(sig, _signature(samples)) for sig in self._dropped):
+            raise LookupError(
+                f"the maps of the run that made this LATENT are no longer kept: a capture keeps its newest runs up "
+                f"to {self.keep_bytes / 2**20:.0f} MiB ({len(self.runs)} now), and later runs of samplers using its "
+                "MODEL took their place. Run that sampler again (the host re-runs it when one of its inputs "
+                "changes), or give each sampler its own Attention Capture."
             )
         raise LookupError(
             "this LATENT was not made by a sampler that used this capture's MODEL (or was changed after "

@@ -143,21 +143,32 @@ def test_steps_rule_sigma_matching_and_denoise_schedules():
 
 
 def test_runs_are_fingerprinted_bounded_and_interrupted_runs_leave_nothing():
-    store = make_store(keep_runs=2)
+    store = make_store()
     patch = cross_attention_patch(LAYER, store, sdpa)
     q, k, v = qkv(2)
-    for i in range(3):
+
+    def record(value):
         begin(store, SIGMAS)
         patch(q, k, v, options(7.0))
-        store.end_run(torch.full((1, 4, 2, 2), float(i)))
+        store.end_run(torch.full((1, 4, 2, 2), value))
+    record(0.0)
+    store.keep_bytes = 2 * sum(t.numel() * t.element_size() for t in store.runs[0].maps.values())  # two runs' maps
+    for i in (1.0, 2.0):
+        record(i)
     begin(store, SIGMAS)
     patch(q, k, v, options(7.0))
     store.abort_run()                       # an interrupted run
     assert len(store.runs) == 2
     assert store.run_for(torch.full((1, 4, 2, 2), 2.0)) is store.runs[-1]
     assert store.run_for(torch.full((1, 4, 2, 2), 1.0)) is store.runs[0]
-    with pytest.raises(LookupError, match="not made by a sampler that used this capture"):
+    # a dropped run's LATENT (the host re-ran only the reading node) is told apart from a foreign one
+    with pytest.raises(LookupError, match="the maps of the run that made this LATENT are no longer kept"):
         store.run_for(torch.full((1, 4, 2, 2), 0.0))
+    with pytest.raises(LookupError, match="not made by a sampler that used this capture"):
+        store.run_for(torch.full((1, 4, 2, 2), 5.0))
+    store.keep_bytes = 0
+    record(3.0)
+    assert len(store.runs) == 1, "the newest run is always kept"
     assert copy.deepcopy({"s": store})["s"] is store
 
 

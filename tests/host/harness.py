@@ -192,14 +192,23 @@ class Outputs(dict):
     A slot holds the value downstream nodes receive: the host keeps a list per slot (one entry
     per call of a node mapped over list inputs); a single entry is unwrapped, a list output
     (``OUTPUT_IS_LIST``) or a multi-call result stays a list. ``ui`` holds the host's UI results
-    per node (e.g. SaveImage's file names), ``messages`` the executor's status messages.
+    per node (e.g. SaveImage's file names), ``messages`` the executor's status messages, ``executed`` the
+    nodes that ran (the others came from the executor's cache).
     """
 
     ui: dict
     messages: list
+    executed: list
 
 
-def run_prompt(api_prompt: dict, extra_data: dict | None = None) -> Outputs:
+def new_executor():
+    """A ``PromptExecutor`` to pass to several :func:`run_prompt` calls: the server keeps one across queued prompts,
+    so its cache decides which nodes a re-queued graph runs again."""
+    import execution
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+
+
+def run_prompt(api_prompt: dict, extra_data: dict | None = None, executor=None) -> Outputs:
     """Validate ``api_prompt`` with the host's ``validate_prompt`` and execute it with a fresh ``PromptExecutor``.
 
     ``extra_data`` is what the frontend sends beside the prompt (``extra_pnginfo``, read by
@@ -207,7 +216,9 @@ def run_prompt(api_prompt: dict, extra_data: dict | None = None) -> Outputs:
 
     Raises AssertionError with the host's validation report (node_errors included) when any
     output fails validation, and with the exception type, message and traceback of the failing
-    node when execution fails. A fresh executor means nothing is cached between calls.
+    node when execution fails. A fresh executor (``executor`` None) means nothing is cached between calls;
+    one from :func:`new_executor`, passed again, caches as the server does (``Outputs.executed``: the nodes
+    that ran this time).
     """
     import execution
 
@@ -218,9 +229,8 @@ def run_prompt(api_prompt: dict, extra_data: dict | None = None) -> Outputs:
     assert ok and not node_errors, "prompt failed validation:\n" + json.dumps(
         {"error": error, "node_errors": node_errors}, indent=2, default=str
     )
-    server = _StubServer()
-    server.last_prompt_id = prompt_id
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = executor or new_executor()
+    executor.server.last_prompt_id = prompt_id
     executor.execute(api_prompt, prompt_id, extra_data or {}, good_outputs)
     # ExecutionList.stage_node_execution errors (e.g. a dependency cycle) break out of the loop
     # without clearing executor.success (execution.py L689-692), so the messages are the truth
@@ -236,6 +246,8 @@ def run_prompt(api_prompt: dict, extra_data: dict | None = None) -> Outputs:
             outputs[node_id] = tuple(_unwrap(slot, listed) for slot, listed in zip(raw, is_list))
     outputs.ui = executor.history_result["outputs"]
     outputs.messages = executor.status_messages
+    cached = {node for event, data in executor.status_messages if event == "execution_cached" for node in data["nodes"]}
+    outputs.executed = [node for node in outputs if node not in cached]
     return outputs
 
 

@@ -1,5 +1,6 @@
 """AttentionCapture / AttentionMaps in the real host, on the tiny in-process models."""
 import copy
+import json
 import math
 import pathlib
 
@@ -286,3 +287,28 @@ def test_capture_workflow_runs_in_the_host_executor(host):
     assert grid.shape[2] == 50 * (64 + 2)                      # a column per step of the 50-step KSampler
     assert mask.shape == (1, 128, 128) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert out.ui[maps_id]["images"], "the node shows its grid as a preview"
+
+
+def test_a_seed_grid_on_one_capture_re_queued_with_one_threshold_changed(host):
+    """One capture feeding five samplers (a seed grid), each read by its own Attention Maps; the graph queued
+    again with one Attention Maps' threshold changed: the host re-runs only that node, which must still find
+    the first sampler's run (a capture kept 4 runs, so it had been dropped)."""
+    import harness
+    import ui_to_api
+    workflow = json.loads((REPO / "workflows" / "attention_capture_txt2img.json").read_text())
+    prompt = harness.shrink_latents(harness.rewrite_loaders(ui_to_api.convert(workflow)), 64)
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "KSampler")
+    maps = next(k for k, v in prompt.items() if v["class_type"] == "PersonalizeAttentionMaps")
+    prompt[sampler]["inputs"]["steps"] = 4
+    for i in range(1, 5):
+        prompt[f"{sampler}_{i}"] = copy.deepcopy(prompt[sampler])
+        prompt[f"{sampler}_{i}"]["inputs"]["seed"] += i
+        prompt[f"{maps}_{i}"] = copy.deepcopy(prompt[maps])
+        prompt[f"{maps}_{i}"]["inputs"]["latent"] = [f"{sampler}_{i}", 0]
+    executor = harness.new_executor()
+    first = harness.run_prompt(prompt, executor=executor)
+    prompt[maps]["inputs"]["mask_threshold"] = 0.3
+    again = harness.run_prompt(prompt, executor=executor)
+    assert maps in again.executed and not {sampler, f"{sampler}_1"} & set(again.executed), \
+        "the changed node (and what reads it) runs again, the samplers come from the cache"
+    assert torch.equal(again[maps][0], first[maps][0])          # the same run's maps: the same grid
