@@ -221,5 +221,16 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
     return patched
 
 
+def without_capture(model):
+    """A clone of ``model`` that no Attention Capture records from or checks prompts on: the pack's own loops given
+    a captured MODEL (an inversion, a palette pass) are not sampling runs of it, and run with their own prompts."""
+    patched = model.clone()
+    for kind, key in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY),
+                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY),
+                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt")):
+        patched.remove_wrappers_with_key(kind, key)
+    return patched
+
+
 def offload_device(model) -> torch.device:
     return torch.device(model.offload_device)

@@ -475,7 +475,7 @@ class NullTextInvert(io.ComfyNode):
         # fp32 whatever the model's dtype (the optimisation's small steps vanish in fp16); passes read the loaded
         # weights in place (sampling.gradient_model), or on half-precision weights their fp32 casts, made once
         # for the loop (sampling.weights_cast_once)
-        worker = gradient_model(model, torch.float32)
+        worker = gradient_model(host.without_capture(model), torch.float32)
         reconstruction, (trajectory, sigmas, nulls, losses, error) = run_loop(
             worker, conditioning(cond, cond_pooled), conditioning(uncond, uncond_pooled), samples, sigmas,
             _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct), cfg=cfg)

@@ -107,7 +107,7 @@ class UREMDGuidance(io.ComfyNode):
         steps = _window_steps(schedule, sigma_start, sigma_end, "appearance")
         require_same_model(inversion, model, "the inversion")
         store = AttentionStore([subject], positions, prompt_len, chosen)
-        patched = host.install_capture(model, store, chosen, chosen, record=False)
+        patched = host.install_capture(host.without_capture(model), store, chosen, chosen, record=False)
 
         def palette_pass(loop: Loop, x, sigmas):
             palette = []

@@ -126,3 +126,25 @@ def test_layout_template_ignores_pag_extra_passes(env):
     for ours, theirs in zip(with_pag.maps, plain.maps):
         worst = max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)
         assert worst < 2e-3, f"the template differs by up to {worst:.3f}"
+
+
+def test_the_packs_own_loops_on_a_captured_model_record_nothing(env, pack):
+    """An inversion and a palette pass given Attention Capture's MODEL are not sampling runs of it: they run with
+    their own prompts (no prompt check), record nothing, and give what they give on the uncaptured model."""
+    capture_nodes, pnd, model, clip = env
+    inv = pack("nodes.inversion")
+    captured, store = capture(capture_nodes, model, clip)
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))}
+
+    def invert(m, mode):
+        return inv.NullTextInvert.execute(m, clip, "a photo of a cat", mode, 3, "ddim_uniform", 7.5, 2, 1e-2, 1e-5, "",
+                                          latent=latent).args
+    with torch.inference_mode():
+        for mode in ("ddim", "null-text"):          # ddim's reconstruction is a CFG sampling run of its own
+            ours, plain = invert(captured, mode), invert(model, mode)
+            assert torch.equal(ours[1]["samples"], plain[1]["samples"]), mode
+        inversion = ours[0]
+        palettes = [pnd.UREMDGuidance.execute(m, inversion, clip, "cat", 0.0, "auto", 0.0, 1.0, 1.0).args[0].palette
+                    for m in (captured, model)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*palettes) for k in a)
+    assert store.runs == [], "nothing recorded into the user's capture"
