@@ -43,6 +43,19 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask[:, None].float(), size=size, **mode)[:, 0].to(mask.dtype)
 
 
+def require_same_aspect(mask: torch.Tensor, size: tuple[int, int], what: str, against: str, todo: str) -> None:
+    """Refuse a [..., H, W] mask whose aspect ratio is not that of ``size`` = (h, w), named ``against``.
+
+    Every mask here is brought to one size by ``resize_mask``, which would stretch a mask of another
+    framing over the wrong pixels without a word. Ratios (w/h) within 0.01 count as one: sides rounded
+    to whole pixels or latent cells.
+    """
+    height, width = mask.shape[-2:]
+    if abs(width / height - size[1] / size[0]) > 0.01:
+        raise ValueError(f"{what} is {width}×{height} but {against} is {size[1]}×{size[0]}, another aspect ratio "
+                         f"(resizing would stretch it): {todo}")
+
+
 def tokens_from_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize a [B, H, W] mask to a layer's (h, w) and flatten it row-major to [B, h*w, 1].
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.patcher_extension
 import comfy.samplers
 import latent_preview
 import nodes as host_nodes
@@ -14,7 +15,7 @@ from ..attention.preview import mean_map
 from ..attention.store import AttentionStore, Run
 from ..attention.swap import LAYOUT, SwapState, blend_output_patch, self_attention_swap_patch
 from ..attention.tokens import parse_words
-from ..guidance.masks import adaptive_mask, attention_mask
+from ..guidance.masks import adaptive_mask, attention_mask, require_same_aspect
 from . import host
 from .inversion import InversionType, require_same_model
 from .sampling import check_interrupt, run_loop
@@ -105,16 +106,49 @@ def _swap_layers(layers, rule):
     return select_layers(layers, rule, kind="self")
 
 
-def _stack(conditionings):
-    """One CONDITIONING entry whose batch holds one prompt per path (host notes §2.7: per-item prompts)."""
-    entries = [c[0] for c in conditionings]
-    if len({e[0].shape[1:] for e in entries}) != 1:
+# how a refusal names the conditioning extras ComfyUI's own nodes add; any other is named by its key
+EXTRA_NAMES = {"control": "a ControlNet", "area": "an area (Conditioning Set Area)",
+               "mask": "a mask (Conditioning Set Mask)", "hooks": "hooks (a LoRA or model hook)",
+               "start_percent": "a timestep range", "end_percent": "a timestep range", "gligen": "GLIGEN boxes"}
+PLAIN = (bool, int, float, str, type(None))
+
+
+def _stack(reference_positive, target_positive):
+    """One CONDITIONING entry whose batch holds one prompt per path, [y_r, y_p, y_r] (host notes §2.7: per-item
+    prompts), with SDXL's pooled prompts stacked the same way.
+
+    The paths run as one batch, so whatever else an entry carries (a ControlNet, an area, hooks…) would act on
+    all three paths: it is honoured only as a plain value equal in both inputs (CLIPTextEncodeSDXL's sizes),
+    and refused otherwise, as is a second entry, rather than given to the wrong paths or dropped.
+    """
+    named = {"reference_positive": reference_positive, "target_positive": target_positive}
+    for name, conditioning in named.items():
+        if len(conditioning) != 1:
+            raise ValueError(f"'{name}' holds {len(conditioning)} conditionings (Conditioning Combine, or a CLIP with "
+                             "scheduled hooks): the three paths run as one batch with one prompt each, so only one "
+                             "could be used. Wire a single text encoding (CLIPTextEncode) of the prompt.")
+    (reference, ref_extra), (target, tgt_extra) = reference_positive[0], target_positive[0]
+    if reference.shape[1:] != target.shape[1:]:
         raise ValueError("'reference_positive' and 'target_positive' encode to different token lengths (they run as "
                          "one batch): keep both prompts under 75 tokens.")
-    extra = dict(entries[0][1])
-    if all("pooled_output" in e[1] for e in entries):
-        extra["pooled_output"] = torch.cat([e[1]["pooled_output"] for e in entries])
-    return [[torch.cat([e[0] for e in entries]), extra]]
+    pooled = [e.get("pooled_output") for e in (ref_extra, tgt_extra)]
+    stacked = all(isinstance(p, torch.Tensor) for p in pooled)
+    for key in sorted(ref_extra.keys() | tgt_extra.keys()):
+        if key == "pooled_output" and stacked:
+            continue
+        values = [e[key] for e in (ref_extra, tgt_extra) if key in e]
+        if len(values) == 2 and all(isinstance(v, PLAIN) for v in values) and values[0] == values[1]:
+            continue
+        holders = " and ".join(f"'{n}'" for n, c in named.items() if key in c[0][1])
+        raise ValueError(f"{holders} {'carry' if ' and ' in holders else 'carries'} {EXTRA_NAMES.get(key, 'an extra')} "
+                         f"(conditioning key \"{key}\"), which this node cannot honour: the reference, layout and target "
+                         "paths run as one batch, so it would act on all three or on none. Wire the plain text "
+                         "encoding here; what shapes the layout (ControlNet, areas) belongs to stage 1, the Step-Blend "
+                         "Sampler.")
+    extra = dict(ref_extra)
+    if stacked:
+        extra["pooled_output"] = torch.cat([pooled[0], pooled[1], pooled[0]])
+    return [[torch.cat([reference, target, reference]), extra]]
 
 
 def _pinned(choice, name):
@@ -146,12 +180,16 @@ class MultiSourceAttnSwap(io.ComfyNode):
                         "latents (as MasaCtrl and DreamMatcher pin the source path). Invert both images with Null-Text "
                         "Invert in 'ddim' mode, prompt ''.",
             inputs=[
-                io.Model.Input("model", tooltip="The personalized model (the one that made the layout)."),
+                io.Model.Input("model", tooltip="The personalized model (the one that made the layout); not through "
+                                                "Attention Capture (refused: this node records M^c itself)."),
                 InversionType.Input("reference", tooltip="The reference image's DDIM inversion (empty prompt)."),
                 InversionType.Input("layout", tooltip="The layout image's DDIM inversion (empty prompt, same steps/scheduler)."),
                 io.Conditioning.Input("reference_positive", tooltip="y_r, the neutral prompt 'a photo of <token>': the "
-                                                                    "reference and target paths."),
-                io.Conditioning.Input("target_positive", tooltip="y_p, the full prompt: the layout path."),
+                                                                    "reference and target paths. One plain text "
+                                                                    "encoding: a ControlNet, area, mask, hooks or "
+                                                                    "combined entries are refused (one batch)."),
+                io.Conditioning.Input("target_positive", tooltip="y_p, the full prompt: the layout path. One plain text "
+                                                                 "encoding, as reference_positive."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt of all paths."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="CFG of every path, each with its own cond/uncond halves (L&R does not state it; "
@@ -198,6 +236,13 @@ class MultiSourceAttnSwap(io.ComfyNode):
     def execute(cls, model, reference, layout, reference_positive, target_positive, negative, cfg, lambda2,
                 blend_start, swap_layers, blend_layers, clip=None, prompt="", words="", mask=None,
                 mask_threshold=0.1, reference_path=PINNED, layout_path=PINNED) -> io.NodeOutput:
+        if model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, host.WRAPPER_KEY):
+            raise ValueError("'model' comes through Attention Capture, which cannot record this node's sampling: every "
+                             "pass batches the reference, layout and target paths, and its prompt check would see "
+                             "y_r beside y_p. Wire the MODEL from before Attention Capture. This node records the "
+                             "object's cross-attention itself: give 'words' (with 'clip' and 'prompt'); the mask it "
+                             "builds is its blend_mask output.")
+        positive = _stack(reference_positive, target_positive)
         all_layers = host.unet_layers(model)
         for inversion, name in ((reference, "the reference inversion"), (layout, "the layout inversion")):
             require_same_model(inversion, model, name)
@@ -227,9 +272,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
         if blend and blend_start <= steps and store is None and mask is None:
             raise ValueError("blending needs a mask: give 'words' (with 'clip' and 'prompt') and/or a 'mask', empty "
                              f"'blend_layers', or set 'blend_start' beyond the {steps} steps.")
-        if mask is not None and abs(mask.shape[-1] / mask.shape[-2] - width / height) > 0.01:
-            raise ValueError(f"'mask' is {mask.shape[-1]}×{mask.shape[-2]} but the layout is {width}×{height}: "
-                             "give a mask of the layout image.")
+        if mask is not None:
+            require_same_aspect(mask, (height, width), "'mask'", "the layout", "give a mask of the layout image.")
 
         def blend_mask():
             soft = None
@@ -279,7 +323,6 @@ class MultiSourceAttnSwap(io.ComfyNode):
                 preview(i, denoised[-1:], x_next[-1:], steps)
             return (x_lay if x_tgt is None else x_tgt), used
 
-        positive = _stack([reference_positive, target_positive, reference_positive])
         out, used = run_loop(patched, positive, negative, torch.zeros_like(layout.trajectory[-1]), sigmas, stage2,
                              cfg=cfg)
         used = torch.zeros(1, height, width) if used is None else used

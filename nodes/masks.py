@@ -9,7 +9,7 @@ import logging
 
 from comfy_api.latest import io, ui
 
-from ..guidance.masks import adaptive_mask, attention_mask
+from ..guidance.masks import adaptive_mask, attention_mask, require_same_aspect
 from .host import require_finite
 from .sam import CATEGORY
 from .sam import NODES as SAM_NODES
@@ -45,8 +45,8 @@ class AdaptiveMask(io.ComfyNode):
                               tooltip="M^c: the object word's averaged decoder cross-attention map, e.g. Attention "
                                       "Maps' mask (binary, or soft with its threshold 0; thresholded here then)."),
                 io.Mask.Input("sam_mask", optional=True,
-                              tooltip="M^SAM: the object segmented on the layout image (SAM Segment). Without it the "
-                                      "mask is built from M^c alone."),
+                              tooltip="M^SAM: the object segmented on the layout image (SAM Segment), of cross_mask's "
+                                      "aspect ratio (another is refused). Without it the mask is built from M^c alone."),
                 io.Combo.Input("combine", options=[OR, REFINE], default=OR,
                                tooltip="or: the paper's formula, M^k = M^c OR M^SAM. refine: the paper's prose "
                                        "('discard noisy regions of M^c based on M^SAM'): M^c is first cut to the SAM "
@@ -69,6 +69,10 @@ class AdaptiveMask(io.ComfyNode):
     def execute(cls, cross_mask, combine, threshold, min_component, clean_union, sam_mask=None) -> io.NodeOutput:
         for name, given in (("cross_mask", cross_mask), ("sam_mask", sam_mask)):
             require_finite(given, f"the {name}", "fix the node that made it; a mask must hold values in [0, 1].")
+        if sam_mask is not None:
+            require_same_aspect(sam_mask, cross_mask.shape[-2:], "'sam_mask'", "'cross_mask'",
+                                "give two masks of the layout image (Attention Maps' MASK of the run that made it, "
+                                "SAM Segment of the decoded image), or crop one to the other's framing.")
         cross, sam = _match_batch(attention_mask(cross_mask.float(), threshold), sam_mask)
         mask = adaptive_mask(cross, sam, combine=combine, min_component=min_component, clean_union=clean_union)
         empty = [i for i in range(mask.shape[0]) if not mask[i].any()]

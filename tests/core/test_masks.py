@@ -10,6 +10,7 @@ from comfyui_personalize.guidance.masks import (
     attention_mask,
     blend_self_attention,
     remove_small_components,
+    require_same_aspect,
     resize_mask,
     tokens_from_mask,
 )
@@ -152,6 +153,15 @@ def test_adaptive_mask_resizes_cross_mask_to_sam_size():
     up = (resize_mask(cross_small, (N, N)) > 0.5).int()[0].tolist()
     want = as_tensor(ref_adaptive(up, synthetic_sam(), 0.01))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_masks_of_another_aspect_ratio_are_refused_not_stretched():
+    """Resizing a 48×64 mask to 32×32 would stretch it; a size rounded to whole pixels is the same framing."""
+    require_same_aspect(torch.zeros(1, 64, 48), (24, 18), "'a'", "'b'", "fix it.")
+    require_same_aspect(torch.zeros(1, 667, 1000), (83, 125), "'a'", "'b'", "fix it.")
+    with pytest.raises(ValueError, match=r"^'a' is 48×64 but 'b' is 32×32, another aspect ratio \(resizing would "
+                                         r"stretch it\): fix it\.$"):
+        require_same_aspect(torch.zeros(1, 64, 48), (32, 32), "'a'", "'b'", "fix it.")
 
 
 def test_remove_small_components_counts_fraction_of_area():

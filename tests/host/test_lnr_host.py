@@ -122,7 +122,7 @@ def unskipped_reference(env, lambda2):
     model = env.personalized.clone()
     for l in layers:
         (model.set_model_attn1_replace if l.kind == "self" else model.set_model_attn2_replace)(make(l.kind, l.key), *l.key)
-    positive = env.lnr._stack([env.encode(Y_R), env.encode(Y_P), env.encode(Y_R)])
+    positive = env.lnr._stack(env.encode(Y_R), env.encode(Y_P))
 
     def loop_fn(loop, x, sigmas):
         x = torch.cat([env.reference.trajectory[0], env.layout.trajectory[0], env.layout.trajectory[0]]).to(x)

@@ -314,6 +314,17 @@ def test_adaptive_mask_reconciles_batches_and_works_without_sam(masks_mod, core)
         masks_mod.AdaptiveMask.execute(cross, "or", 0.3, 0.01, True, sam_mask=torch.zeros(3, 64, 64))
 
 
+def test_adaptive_mask_refuses_masks_of_another_aspect_ratio(masks_mod):
+    """A 48×64 SAM mask with a 32×32 M^c was stretched to one frame without a word (Multi-Source Attention Swap
+    refuses the same pair); one framing at two sizes is the usual case and still runs."""
+    cross = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"'sam_mask' is 48×64 but 'cross_mask' is 32×32, another aspect ratio.*"
+                                         r"give two masks of the layout image"):
+        masks_mod.AdaptiveMask.execute(cross, "or", 0.1, 0.01, True, sam_mask=torch.ones(1, 64, 48))
+    assert masks_mod.AdaptiveMask.execute(cross, "or", 0.1, 0.01, True, sam_mask=torch.ones(1, 64, 64)).args[0].shape \
+        == (1, 64, 64)
+
+
 def test_the_three_nodes_run_in_the_host_executor(host, reference):
     import harness
 
