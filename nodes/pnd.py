@@ -47,7 +47,9 @@ def _window_steps(schedule: list[float], sigma_start: float, sigma_end: float, w
     steps = [i for i, s in enumerate(schedule[:-1]) if sigma_end < s <= sigma_start]
     if not steps:
         raise ValueError(f"the {what} window holds no step of this schedule ({len(schedule) - 1} steps, "
-                         f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): widen the window or use more steps.")
+                         f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): widen the window or use more steps; a schedule "
+                         "made with denoise below 1 starts after the early windows, so no step count helps there "
+                         "(raise denoise or move the window).")
     return steps
 
 
@@ -176,6 +178,8 @@ class LayoutGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, word, positive, negative, cfg, noise, sigmas, latent, layers, start, end,
                 weight, kernel_size, smooth_sigma) -> io.NodeOutput:
+        if kernel_size % 2 == 0:    # the host does not enforce the widget's step of 2 in the API
+            raise ValueError(f"kernel_size must be odd (the kernel centred on each cell), got {kernel_size}.")
         chosen = select_layers(host.unet_layers(model), layers, kind="cross")
         positions, prompt_len = host.prompt_word_positions(clip, prompt, [word])
         host.require_encoded(clip, prompt, positive, "Layout Guidance")

@@ -156,6 +156,13 @@ def test_bad_inputs_are_refused_with_messages(env):
     with pytest.raises(ValueError, match="window holds no step"):
         env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
                                        noise_object(), sigmas, {"samples": latent}, "cross", 0.95, 0.96, 1.0, 3, 0.5)
+    with pytest.raises(ValueError, match="window holds no step.*denoise below 1 starts after the early windows"):
+        env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
+                                       noise_object(), sigmas[5:], {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5)
+    # the API takes an even kernel (the widget's step is the UI's): refused before the template run, by this node
+    with pytest.raises(ValueError, match="kernel_size must be odd .*got 4"):
+        env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
+                                       noise_object(), sigmas, {"samples": latent}, "cross", 0.0, 0.2, 1.0, 4, 0.5)
     with pytest.raises(ValueError, match="connect an appearance"):
         env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.1, True)
     with torch.inference_mode():
