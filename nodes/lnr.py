@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 import latent_preview
@@ -325,7 +326,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
 
         out, used = run_loop(patched, positive, negative, torch.zeros_like(layout.trajectory[-1]), sigmas, stage2,
                              cfg=cfg)
-        used = torch.zeros(1, height, width) if used is None else used
+        # M^c is built where the capture keeps its maps (the GPU under --highvram); a MASK goes where the host's are
+        used = (torch.zeros(1, height, width) if used is None else used).to(comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": out}, used, ui=ui.PreviewMask(used, cls=cls))
 
     @staticmethod

@@ -100,17 +100,20 @@ def test_null_text_inversion_saved_and_loaded_keeps_devices_apart(env, host):
     assert mode.device_of(virtual[0]) == HOST, "the reconstruction LATENT comes back where the host's samplers put theirs"
 
 
-@pytest.mark.parametrize("mask_on", ["cpu", "compute device"])
+@pytest.mark.parametrize("mask_on", ["cpu", "compute device", "compute device, --highvram"])
 def test_layout_and_retouch_masks_and_swap_keep_devices_apart(env, mask_on):
-    """MultiSourceAttnSwap: the capture store's M^c (offloaded), a MASK input (on the CPU, or on the GPU as another
-    node may leave it) and the swap masks; its LATENT comes back where the host's samplers put theirs."""
+    """MultiSourceAttnSwap: the capture store's M^c (offloaded: the CPU, or the GPU under --highvram), a MASK input
+    (on the CPU, or on the GPU as another node may leave it) and the swap masks; its LATENT and MASK come back
+    where the host's samplers and mask nodes put theirs."""
     def flow(model, mode):
+        if mode is not None and mask_on.endswith("--highvram"):
+            model.offload_device = COMPUTE
         inversions = [env.inv.NullTextInvert.execute(model, env.clip, "", "ddim", 6, "normal", 7.5, 10, 1e-2, 1e-5, "",
                                                      image=place(mode, image(env, s, 64)), vae=env.vae,
                                                      reconstruct=False).args[0] for s in (7, 8)]
         mask = (torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float()
         if mode is not None:
-            mode.place(mask, COMPUTE if mask_on == "compute device" else HOST)
+            mode.place(mask, HOST if mask_on == "cpu" else COMPUTE)
         out, used = env.lnr.MultiSourceAttnSwap.execute(
             model, *inversions, env.encode(REF_PROMPT), env.encode(PROMPT), env.encode(""), 7.5, 2, 4, "auto", "auto",
             env.clip, PROMPT, "dog", mask, 0.1).args
@@ -119,7 +122,7 @@ def test_layout_and_retouch_masks_and_swap_keep_devices_apart(env, mask_on):
     plain, virtual, mode = twice(flow, env)
     assert torch.equal(plain[0], virtual[0]) and torch.equal(plain[1], virtual[1])
     assert 0 < plain[1].mean() < 1, "the blend mask must be used (else the test shows nothing)"
-    assert mode.device_of(virtual[0]) == HOST
+    assert mode.device_of(virtual[0]) == HOST and mode.device_of(virtual[1]) == HOST
 
 
 def test_attention_capture_and_maps_keep_devices_apart(env):
