@@ -42,7 +42,7 @@ def trainer(args):
                 target_prompt="a sketch of a dog in Paris", steps=steps, learning_rate=5e-5, batch_size=1,
                 gradient_accumulation=1, rank=32, alpha=7.5, beta=args.beta, alignment_weight=weight, same_noise=True,
                 rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=args.res, precision="fp32",
-                gradient_checkpointing=checkpointing, seed=0, save_name="bench", overwrite=True, resume=False,
+                gradient_checkpointing=checkpointing, training_seed=0, save_name="bench", overwrite=True, resume=False,
                 checkpoint_every=0)
         # an honest ratio: neither variant may compute (or keep) gradients of the frozen base weights
         leaked = [n for n, p in model.model.named_parameters() if p.grad is not None or p.requires_grad is not requires[n]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 
 import torch
@@ -53,8 +54,9 @@ class PALPTrainer(io.ComfyNode):
                 io.Image.Input("images", tooltip="Subject images (a batch; a single image works). Scaled to cover "
                                                  "resolution × resolution and centre-cropped."),
                 io.String.Input("placeholder", default="[V]",
-                                tooltip="The text standing for the subject in the personalization prompt. After "
-                                        "training write embedding:<save_name> in its place."),
+                                tooltip="The text standing for the subject in the personalization prompt, found "
+                                        "as a whole word (V is not found in 'Vienna'). After training write "
+                                        "embedding:<save_name> in its place."),
                 io.String.Input("class_word", default="dog",
                                 tooltip="The subject's class (e.g. 'cat'): the learned token starts at its embedding."),
                 io.String.Input("personalization_prompt", default="a photo of [V]",
@@ -62,8 +64,9 @@ class PALPTrainer(io.ComfyNode):
                                         "(paper: 'a photo of [V]')."),
                 io.String.Input("target_prompt", multiline=True, default="a sketch of a dog in Paris",
                                 tooltip="y_c, the clean target prompt with the class word instead of the placeholder "
-                                        "(paper: 'a sketch of a cat'); the model is aligned to it. Later, prompt "
-                                        "with the same text and embedding:<save_name> for the class word."),
+                                        "(paper: 'a sketch of a cat'); the model is aligned to it, so it must not be "
+                                        "empty. Later, prompt with the same text and embedding:<save_name> for the "
+                                        "class word."),
                 io.Int.Input("steps", default=500, min=1, max=100000,
                              tooltip="Optimizer steps (paper: 500)."),
                 io.Float.Input("learning_rate", default=5e-5, min=0.0, max=1.0, step=1e-6, round=False,
@@ -76,8 +79,9 @@ class PALPTrainer(io.ComfyNode):
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip="LoRA rank (paper: 32)."),
                 io.Float.Input("alpha", default=15.0, min=0.0, max=50.0, step=0.1,
                                tooltip="α, CFG scale of the frozen base model on the target prompt (paper: 7.5 for "
-                                       "compositions, 15 otherwise). Must exceed β. 15 / 7.5 kept more identity than "
-                                       "7.5 / 1 at equal context." + host.TOY_TUNED),
+                                       "compositions, 15 otherwise; above β, which aligned better). α ≤ β still "
+                                       "trains, with a warning. 15 / 7.5 kept more identity than 7.5 / 1 at equal "
+                                       "context." + host.TOY_TUNED),
                 io.Float.Input("beta", default=7.5, min=0.0, max=50.0, step=0.1,
                                tooltip="β, CFG scale of the personalized model on y_P (paper: 1.0 for compositions, "
                                        "7.5 otherwise). At 1.0 one UNet pass per step is saved." + host.TOY_TUNED),
@@ -107,7 +111,9 @@ class PALPTrainer(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute each UNet block's activations during backward instead of keeping "
                                          "them: much less memory for a slower step (bench/RESULTS.md). Same result."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFF_FFFF,
+                # not named "seed": the frontend gives an INT of that name a randomize-after-run control, and a
+                # new seed each Run would train again (or be refused as a changed run)
+                io.Int.Input("training_seed", default=0, min=0, max=0xFFFF_FFFF,
                              tooltip="Seeds the LoRA init and every draw of image, timestep and noise."),
                 io.String.Input("save_name", default="palp_subject",
                                 tooltip="Name of loras/<name>.safetensors, embeddings/<name>.safetensors (prompt "
@@ -116,9 +122,13 @@ class PALPTrainer(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Files of this name from a run with other settings or inputs: on, train "
                                          "again and replace them; off, refuse and say what differs. Files from "
-                                         "this very run (a re-queue) are always reused without training."),
+                                         "this very run (a re-queue) are always reused without training; files "
+                                         "PALP did not write are never replaced."),
                 io.Boolean.Input("resume", default=False,
-                                 tooltip="Continue from output/palp/<save_name>.checkpoint.safetensors at its step."),
+                                 tooltip="Continue an unfinished (cancelled or stopped) run from "
+                                         "output/palp/<save_name>.checkpoint.safetensors at its step. Its settings "
+                                         "and inputs must be this run's, except a larger steps; a finished run "
+                                         "leaves no checkpoint."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
                              tooltip="Save a checkpoint every this many steps (0: only on Cancel)."),
                 io.Image.Input("images_2", optional=True,
@@ -146,8 +156,8 @@ class PALPTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, placeholder, class_word, personalization_prompt, target_prompt, steps,
                 learning_rate, batch_size, gradient_accumulation, rank, alpha, beta, alignment_weight, same_noise,
-                rescale, timestep_min, timestep_max, resolution, precision, gradient_checkpointing, seed, save_name,
-                overwrite, resume, checkpoint_every, images_2=None, placeholder_2="", class_word_2="",
+                rescale, timestep_min, timestep_max, resolution, precision, gradient_checkpointing, training_seed,
+                save_name, overwrite, resume, checkpoint_every, images_2=None, placeholder_2="", class_word_2="",
                 personalization_prompt_2="") -> io.NodeOutput:
         specs = [(images, placeholder, class_word, personalization_prompt)]
         second = (placeholder_2, class_word_2, personalization_prompt_2)
@@ -158,8 +168,9 @@ class PALPTrainer(io.ComfyNode):
                         "(single-subject training).")
         settings = Settings([s[1] for s in specs], [s[2] for s in specs], [s[3] for s in specs], target_prompt, steps,
                             learning_rate, batch_size, gradient_accumulation, rank, alpha, beta, alignment_weight,
-                            same_noise, rescale, timestep_min, timestep_max, resolution, precision, seed)
+                            same_noise, rescale, timestep_min, timestep_max, resolution, precision, training_seed)
         _check(settings, specs)
+        host.require_clip_for(model, clip, "PALP Trainer")
         paths = Paths.of(save_name, len(specs))
         inputs = run_inputs(model, clip, vae, [spec[0] for spec in specs])
         if any(os.path.exists(p) for p in paths.results):
@@ -171,23 +182,24 @@ class PALPTrainer(io.ComfyNode):
             if not overwrite:
                 raise ValueError(f"output {paths.name!r} exists from a run with different {', '.join(differences)}"
                                  " (the file's vs this run's): choose another save_name, or turn overwrite on to "
-                                 "train again (with resume on, from its checkpoint).")
+                                 "train again and replace it.")
         elif os.path.exists(paths.checkpoint) and not (resume or overwrite):
             raise ValueError(f"{paths.checkpoint} is left from an unfinished run: turn resume on to continue it, "
                              "overwrite on to start again, or choose another save_name.")
         if resume and not os.path.exists(paths.checkpoint):
-            raise ValueError(f"resume is on but there is no checkpoint {paths.checkpoint}: turn resume off to start.")
+            raise ValueError(f"resume is on but there is no checkpoint {paths.checkpoint} (a finished run removes its "
+                             "own): turn resume off to start.")
 
         towers_ = towers(clip)
         with torch.inference_mode(False):
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(training_seed)
             adapters = {name: LoRAAdapter.create(shape, rank, gen, model.load_device)
                         for name, shape in attention_projections(model)}
             vectors = [{t.embedding_key: torch.nn.Parameter(class_word_vector(clip, t, spec[2])) for t in towers_}
                        for spec in specs]
             state = State(adapters, vectors, learning_rate)
             if resume:
-                state.restore(*read_checkpoint(paths.checkpoint))
+                state.restore(*read_checkpoint(paths.checkpoint, settings.record(), inputs))
                 log.info("PALP: resuming %s at step %d of %d", paths.checkpoint, state.step, steps)
 
         worker = gradient_model(model, PRECISIONS[precision])
@@ -204,7 +216,7 @@ class PALPTrainer(io.ComfyNode):
                 marker = f"palp-marker-{s}"
                 save_file({t.embedding_key: torch.full((1, t.width), _marker_value(s)) for t in towers_},
                           os.path.join(markers, marker + ".safetensors"))
-                tokens = marker_clip.tokenize(prompt.replace(ph, f" embedding:{marker} "))
+                tokens = marker_clip.tokenize(_placeholder(ph).sub(f" embedding:{marker} ", prompt))
                 if s not in splice(tokens, vectors, towers_)[1]:
                     raise ValueError(f"the placeholder {ph!r} did not reach the tokenizer from {prompt!r}: keep it "
                                      "outside weights like (…:1.2) and within the first 75 tokens.")
@@ -235,7 +247,7 @@ class PALPTrainer(io.ComfyNode):
             sigma = sampling.percent_to_sigma(1.0 - fraction)
             return min(max(sigma, float(sampling.sigma_min)), float(sampling.sigma_max))
 
-        trainer = Trainer(settings, state, subjects, encode, sigma_of, paths, checkpoint_every)
+        trainer = Trainer(settings, state, subjects, encode, sigma_of, paths, checkpoint_every, inputs)
         first = subjects[0].latents[:batch_size]
         try:
             run_loop(worker, positive, negative, latent_format.process_out(first), torch.tensor([1.0, 0.0]), trainer)
@@ -268,8 +280,17 @@ def _clone(tensor):
     return None if tensor is None else tensor.clone()
 
 
+def _placeholder(placeholder: str) -> re.Pattern:
+    """The placeholder as a whole word: not touching a letter, digit or '_' (so V is not found in 'Vienna')."""
+    return re.compile(rf"(?<!\w){re.escape(placeholder)}(?!\w)")
+
+
 def _check(settings: Settings, specs) -> None:
     """Refuse settings the run cannot use, saying what to change (α ≤ β only warns)."""
+    if not settings.target_prompt.strip():
+        raise ValueError("the target prompt is empty: y_c is the prompt PALP aligns the model to, so write the one "
+                         "you will generate with, the class word in the subject's place (e.g. 'a sketch of a cat in "
+                         "Paris').")
     for images, placeholder, class_word, prompt in specs:
         if not (placeholder.strip() and class_word.strip() and prompt.strip()):
             raise ValueError("a subject has an empty placeholder, class word or personalization prompt: give all "
@@ -281,10 +302,10 @@ def _check(settings: Settings, specs) -> None:
             bad = sorted({int(i) for i in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten()})
             raise ValueError(f"subject image(s) {bad} of the batch (0-based) contain NaN or Inf values: check the "
                              "node that made them; nothing was trained or saved.")
-        if placeholder not in prompt:
-            raise ValueError(f"the personalization prompt {prompt!r} does not contain the placeholder {placeholder!r}: "
-                             f"write it where the subject goes, e.g. 'a photo of {placeholder}'.")
-        if placeholder in settings.target_prompt:
+        if not _placeholder(placeholder).search(prompt):
+            raise ValueError(f"the personalization prompt {prompt!r} does not contain the placeholder {placeholder!r} "
+                             f"as a word of its own: write it where the subject goes, e.g. 'a photo of {placeholder}'.")
+        if _placeholder(placeholder).search(settings.target_prompt):
             raise ValueError(f"the target prompt contains the placeholder {placeholder!r}: y_c is the clean prompt, "
                              "with the class word instead (e.g. 'a sketch of a cat in Paris').")
     if len({s[1] for s in specs}) < len(specs):

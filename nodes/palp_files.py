@@ -3,14 +3,17 @@
 - ``loras/<name>.safetensors``: the host's generic LoRA keys (``LoraLoader`` reads it);
 - ``embeddings/<name>.safetensors`` (and ``<name>_2`` for a second subject): one vector per text tower
   (``embedding:<name>`` in a prompt);
-- ``output/palp/<name>.checkpoint.safetensors``: LoRA, tokens, Adam state and loss curves, to resume.
+- ``output/palp/<name>.checkpoint.safetensors``: LoRA, tokens, Adam state and loss curves, to resume an
+  unfinished run; removed once the run's results are written.
 Every file is written whole or not at all and carries in its metadata what made it: the run's settings
 and fingerprints of its inputs (subject images, MODEL, CLIP, VAE). A re-queued run whose settings and
 inputs all match reuses the files, as the host's cache would reuse the node's outputs; one that differs
-is told what differs (``stale``).
+is told what differs (``stale``), and so is a resume from another run's checkpoint (``read_checkpoint``).
+A file of a result's name without PALP's settings in its metadata is someone else's and is never replaced.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +21,7 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import folder_paths
@@ -77,22 +80,40 @@ def write_checkpoint(path: str, tensors: dict[str, torch.Tensor], metadata: dict
     save_atomic(tensors, path, {"format": CHECKPOINT_FORMAT, **metadata})
 
 
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], int]:
-    """The tensors of a PALP checkpoint and the step it was saved at."""
+def read_checkpoint(path: str, settings: dict, inputs: dict) -> tuple[dict[str, torch.Tensor], int]:
+    """The tensors of this run's PALP checkpoint and the step it was saved at.
+
+    Refused when the checkpoint was made with other settings or inputs (``settings`` and ``inputs`` as for
+    ``stale``; only ``steps`` may differ, a larger one continuing the same run) or has no step left to train.
+    """
+    metadata = _metadata(path, "turn resume off to start again.")
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a PALP checkpoint: turn resume off.")
+    step = int(metadata["palp_step"])
+    found = differences(metadata, {key: value for key, value in settings.items() if key != "steps"}, inputs)
+    if found:
+        raise ValueError(f"{path} is from a run with different {', '.join(found)} (the checkpoint's vs this run's), "
+                         "so resuming it would train neither run: set those back to continue it, or turn resume off "
+                         "(with overwrite on) to start again with these.")
+    if step >= settings["steps"]:
+        raise ValueError(f"{path} is at step {step} and this run has {settings['steps']} steps: nothing is left "
+                         f"to train from it. Raise steps above {step} to continue it, or turn resume off to start "
+                         "again.")
     with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a PALP checkpoint: turn resume off.")
-        return {k: f.get_tensor(k) for k in f.keys()}, int(metadata["palp_step"])
+        return {k: f.get_tensor(k) for k in f.keys()}, step
 
 
 def write_results(paths: Paths, adapters: dict[str, LoRAAdapter], vectors: list[dict[str, torch.Tensor]],
                   metadata: dict[str, str], curves: dict[str, list[float]]) -> None:
-    """The LoRA for the host's ``LoraLoader`` (with the loss curves, for a re-queue) and one embedding per subject."""
+    """The LoRA for the host's ``LoraLoader`` (with the loss curves, for a re-queue) and one embedding per subject;
+    then the run's checkpoint is removed."""
     save_atomic(lora_state_dict(adapters), paths.lora,
                 {"format": LORA_FORMAT, **metadata, "palp_curves": json.dumps(curves)})
     for s, path in enumerate(paths.embeddings):
         save_atomic(vectors[s], path, metadata)
+    # a finished run's checkpoint has nothing left to resume; kept, a later run could take it for its own
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(paths.checkpoint)
 
 
 def read_results(path: str) -> tuple[dict[str, LoRAAdapter], dict[str, list[float]]]:
@@ -139,25 +160,44 @@ def _shown(value) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
+def _metadata(path: str, todo: str) -> dict[str, str]:
+    """A safetensors file's metadata; a ValueError naming the file and saying ``todo`` when it cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): {todo}") from e
+
+
+def differences(metadata: dict[str, str], settings: dict, inputs: dict) -> list[str]:
+    """What the file of ``metadata`` was made with that differs from ``settings`` and ``inputs``, in words."""
+    made_with = json.loads(metadata.get("palp_settings", "{}"))
+    made_from = json.loads(metadata.get("palp_inputs", "{}"))
+    found = [f"{key} ({_shown(made_with.get(key))} vs {_shown(value)})"
+             for key, value in settings.items() if made_with.get(key) != value]
+    for key, value in inputs.items():
+        old = made_from.get(key)
+        if old != value:        # the model's fingerprint is a dict: name the fields that differ
+            fields = [k for k in value if old.get(k) != value[k]] if isinstance(old, dict) else []
+            found.append(INPUT_LABELS.get(key, key) + (f" ({', '.join(fields)})" if fields else ""))
+    return found
+
+
 def stale(paths: Paths, settings: dict, inputs: dict) -> list[str]:
     """What the result files were made with that differs from this run, in words; [] when they are this run's.
 
     ``settings`` and ``inputs`` are as ``Settings.metadata`` records them (JSON-normal: lists, not tuples).
+    A result's file that PALP did not write (no PALP settings in its metadata, or not readable: PALP writes
+    whole files) is refused, never compared: overwrite must not replace someone else's LoRA or embedding.
     """
+    not_ours = "choose another save_name, or move that file out of its folder; PALP never replaces it."
     found = []
     for path in paths.results:
         if not os.path.exists(path):
             found.append(f"{os.path.basename(path)} missing")
             continue
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        made_with = json.loads(metadata.get("palp_settings", "{}"))
-        made_from = json.loads(metadata.get("palp_inputs", "{}"))
-        found += [f"{key} ({_shown(made_with.get(key))} vs {_shown(value)})"
-                  for key, value in settings.items() if made_with.get(key) != value]
-        for key, value in inputs.items():
-            old = made_from.get(key)
-            if old != value:        # the model's fingerprint is a dict: name the fields that differ
-                fields = [k for k in value if old.get(k) != value[k]] if isinstance(old, dict) else []
-                found.append(INPUT_LABELS.get(key, key) + (f" ({', '.join(fields)})" if fields else ""))
+        metadata = _metadata(path, "PALP writes its files whole, so this one is not PALP's: " + not_ours)
+        if "palp_settings" not in metadata:
+            raise ValueError(f"{path} was not made by PALP (its metadata holds no PALP settings): " + not_ours)
+        found += differences(metadata, settings, inputs)
     return list(dict.fromkeys(found))

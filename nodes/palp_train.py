@@ -213,16 +213,16 @@ class Settings:
     timestep_max: float
     resolution: int
     precision: str
+    # the node's training_seed, recorded under the name files written before that rename hold
     seed: int
 
     def record(self) -> dict:
         """The settings as the files' metadata holds them (JSON-normal)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def metadata(self, step: int, inputs: dict | None = None) -> dict[str, str]:
-        """Every file's metadata: the settings, the step and (results) the fingerprints of the run's inputs."""
-        out = {"palp_settings": json.dumps(self.record()), "palp_step": str(step)}
-        return out if inputs is None else {**out, "palp_inputs": json.dumps(inputs)}
+    def metadata(self, step: int, inputs: dict) -> dict[str, str]:
+        """Every file's metadata: the settings, the step and the fingerprints of the run's inputs."""
+        return {"palp_settings": json.dumps(self.record()), "palp_step": str(step), "palp_inputs": json.dumps(inputs)}
 
 
 class State:
@@ -286,15 +286,16 @@ class Trainer:
     """
 
     def __init__(self, settings: Settings, state: State, subjects: list[Subject], encode, sigma_of, paths: Paths,
-                 checkpoint_every: int):
+                 checkpoint_every: int, inputs: dict):
         self.s, self.state, self.subjects, self.encode = settings, state, subjects, encode
-        self.sigma_of, self.paths, self.checkpoint_every = sigma_of, paths, checkpoint_every
+        self.sigma_of, self.paths, self.checkpoint_every, self.inputs = sigma_of, paths, checkpoint_every, inputs
         # the step of the checkpoint this run resumed from or wrote: the only one a message may point to
         self.saved = state.step if state.step else None
 
     def checkpoint(self) -> None:
-        # the parameters are checked finite after every optimizer step, so a checkpoint never holds NaN
-        write_checkpoint(self.paths.checkpoint, self.state.tensors(), self.s.metadata(self.state.step))
+        # the parameters are checked finite after every optimizer step, so a checkpoint never holds NaN; its
+        # settings and inputs are what a resume is checked against
+        write_checkpoint(self.paths.checkpoint, self.state.tensors(), self.s.metadata(self.state.step, self.inputs))
         self.saved = self.state.step
 
     def stop(self, what: str):

@@ -120,8 +120,13 @@ def pnd_terms(env, reference_inversion):
 
 
 def pnd_prepared(env, model, terms, positive=None):
+    """The P&D sampler node's MODEL and SAMPLER; the MODEL without its check that only its SAMPLER drives it, since
+    these tests also drive it with probes of their own and plain Euler (whose result it does not change)."""
+    import comfy.patcher_extension
     with torch.inference_mode():
         prepared, sampler = env.pnd.PickAndDrawSampler.execute(model, env.clip, PROMPT, "dog", 0.1, True, *terms).args
+    prepared = prepared.clone()
+    prepared.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, env.pnd.MARK)
     return prepared, sampler
 
 
@@ -257,7 +262,7 @@ def test_no_node_leaves_a_gradient_or_changes_requires_grad_on_the_callers_model
             model, clip, env.vae, images, placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
             target_prompt="a sketch of a dog", steps=2, learning_rate=1e-2, batch_size=1, gradient_accumulation=1, rank=4,
             alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True, rescale=True, timestep_min=0.0, timestep_max=1.0,
-            resolution=64, precision="fp32", gradient_checkpointing=False, seed=0, save_name="gradient_paths",
+            resolution=64, precision="fp32", gradient_checkpointing=False, training_seed=0, save_name="gradient_paths",
             overwrite=True, resume=False, checkpoint_every=0)
         env.inversion.NullTextInvert.execute(model, clip, REF_PROMPT, "null-text", 3, "ddim_uniform", 7.5, 2, 1e-2, 1e-5,
                                              "", latent={"samples": torch.randn(1, 4, 16, 16)})
@@ -777,7 +782,7 @@ def test_palp_trains_through_every_patch_at_once(env, pack):
             model, env.clip, env.vae, images, placeholder="[V]", class_word="dog", personalization_prompt="a photo of [V]",
             target_prompt="a sketch of a dog", steps=2, learning_rate=1e-2, batch_size=1, gradient_accumulation=1, rank=4,
             alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True, rescale=True, timestep_min=0.0, timestep_max=1.0,
-            resolution=64, precision="fp32", gradient_checkpointing=True, seed=0, save_name="gradient_paths_patched",
+            resolution=64, precision="fp32", gradient_checkpointing=True, training_seed=0, save_name="gradient_paths_patched",
             overwrite=True, resume=False, checkpoint_every=0).args
     trained = [a for fs in out.weight_wrapper_patches.values() for a in fs]
     assert trained and all(torch.isfinite(a.up).all() for a in trained)

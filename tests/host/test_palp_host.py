@@ -1,5 +1,7 @@
 """PALPTrainer in the real host, on the tiny SD1 model (methods.md §3)."""
+import json
 import os
+import pathlib
 import types
 
 import pytest
@@ -19,7 +21,7 @@ def settings(**overrides):
                 target_prompt="a sketch of a dog in Paris", steps=500, learning_rate=5e-5, batch_size=1,
                 gradient_accumulation=32, rank=32, alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True,
                 rescale=True, timestep_min=0.0, timestep_max=1.0, resolution=512, precision="fp32",
-                gradient_checkpointing=False, seed=0,
+                gradient_checkpointing=False, training_seed=0,
                 save_name="palp_subject", overwrite=False, resume=False, checkpoint_every=100)
     return {**base, **TINY, **overrides}
 
@@ -140,8 +142,8 @@ def test_the_callers_model_is_untouched_and_the_curves_are_drawn(sd1, trained):
     assert 0.0 <= trained.curves.min().item() and trained.curves.max().item() <= 1.0
 
 
-def cancel_at(step):
-    """A progress hook that presses Cancel when the bar reaches ``step``."""
+def cancelled(mod, sd1, subject, step, **kw):
+    """Train, pressing Cancel when the progress bar reaches ``step`` (the run stops and keeps its checkpoint)."""
     import comfy.model_management
     import comfy.utils
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -150,23 +152,20 @@ def cancel_at(step):
         if value == step:
             comfy.model_management.interrupt_current_processing(True)
     comfy.utils.set_progress_bar_global_hook(hook)
-    return previous
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(mod, sd1, subject, **kw)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
 
 
 def test_cancel_keeps_a_valid_checkpoint_and_resume_continues_from_its_step(host, mod, sd1, subject):
-    import comfy.model_management
-    import comfy.utils
     model = sd1[0]
     before = snapshot(model)
     train(mod, sd1, subject, save_name="whole", steps=6, checkpoint_every=0)
     whole = load_file(host.base_dir / "models" / "loras" / "whole.safetensors")
 
-    previous = cancel_at(3)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train(mod, sd1, subject, save_name="cut", steps=6, checkpoint_every=0)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
+    cancelled(mod, sd1, subject, 3, save_name="cut", steps=6, checkpoint_every=0)
     checkpoint = host.output_dir / "palp" / "cut.checkpoint.safetensors"
     with safe_open(str(checkpoint), framework="pt") as f:
         assert f.metadata()["palp_step"] == "3"
@@ -186,6 +185,7 @@ def test_cancel_keeps_a_valid_checkpoint_and_resume_continues_from_its_step(host
 @pytest.mark.parametrize("overrides, message", [
     (dict(personalization_prompt="a photo of a dog"), "does not contain the placeholder"),
     (dict(target_prompt="a sketch of [V]"), "clean prompt"),
+    (dict(target_prompt=" \n"), "the target prompt is empty"),
     (dict(save_name="dog"), r"output 'dog' exists from a run with different steps \(30 vs 8\)"),
     (dict(save_name="nothing", resume=True), "no checkpoint"),
     (dict(timestep_min=0.5, timestep_max=0.5), "is empty"),
@@ -196,8 +196,106 @@ def test_refusals(mod, sd1, subject, trained, overrides, message):
 
 
 def test_same_settings_on_other_images_is_refused_naming_the_images(mod, sd1, subject, trained):
-    with pytest.raises(ValueError, match=r"exists from a run with different subject images \(the file's"):
+    with pytest.raises(ValueError, match=r"exists from a run with different subject images \(the file's") as error:
         train(mod, sd1, subject.flip(1), save_name="dog", steps=30)
+    # a changed run is trained again, never resumed from another run's checkpoint
+    assert "overwrite on to train again" in str(error.value) and "resume" not in str(error.value)
+
+
+def test_a_finished_run_leaves_no_checkpoint_that_a_changed_run_could_resume(host, mod, sd1, subject):
+    """A finished run used to leave its last checkpoint (here step 4 of 4); a changed run with overwrite and resume
+    on then trained nothing and saved the old LoRA labelled with the new settings."""
+    lora = host.base_dir / "models" / "loras" / "finished.safetensors"
+    train(mod, sd1, subject, save_name="finished", steps=4, checkpoint_every=2)
+    assert lora.exists()
+    assert not (host.output_dir / "palp" / "finished.checkpoint.safetensors").exists()
+    written = lora.read_bytes()
+    with pytest.raises(ValueError, match="resume is on but there is no checkpoint"):
+        train(mod, sd1, subject.flip(1), save_name="finished", steps=4, learning_rate=5e-3, overwrite=True,
+              resume=True)
+    assert lora.read_bytes() == written
+
+
+def test_resume_takes_only_its_own_runs_checkpoint_with_steps_left(host, mod, sd1, subject, caplog):
+    """A checkpoint records its run's settings and inputs: a resume with others is refused naming them, one at or
+    past the requested steps is refused, and a larger steps continues it (then the finished run removes it)."""
+    cancelled(mod, sd1, subject, 3, save_name="own_run", steps=6, checkpoint_every=0)
+    checkpoint = host.output_dir / "palp" / "own_run.checkpoint.safetensors"
+    for images, overrides, message in (
+            (subject, dict(learning_rate=5e-3), r"different learning_rate \(0\.01 vs 0\.005\) \(the checkpoint's"),
+            (subject.flip(1), {}, "different subject images"),
+            (subject, dict(steps=3), "is at step 3 and this run has 3 steps")):
+        with pytest.raises(ValueError, match=message):
+            train(mod, sd1, images, save_name="own_run", resume=True, **{"steps": 6, **overrides})
+    assert checkpoint.exists()
+    with caplog.at_level("INFO"):
+        train(mod, sd1, subject, save_name="own_run", steps=7, checkpoint_every=0, resume=True)
+    assert any("at step 3 of 7" in r.getMessage() for r in caplog.records)
+    with safe_open(str(host.base_dir / "models" / "loras" / "own_run.safetensors"), framework="pt") as f:
+        assert f.metadata()["palp_step"] == "7"
+        assert len(json.loads(f.metadata()["palp_curves"])["personalization"]) == 7
+    assert not checkpoint.exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_of_the_name_that_palp_did_not_write_is_refused_and_kept(host, mod, sd1, subject, overwrite):
+    """A textual-inversion embedding already called <save_name> is the user's: named, never compared or replaced."""
+    from safetensors.torch import save_file
+    theirs = host.embeddings_dir / "their_embedding.safetensors"
+    save_file({"clip_l": torch.randn(2, 64)}, str(theirs))
+    written = theirs.read_bytes()
+    with pytest.raises(ValueError, match="was not made by PALP") as error:
+        train(mod, sd1, subject, save_name="their_embedding", overwrite=overwrite)
+    assert str(theirs) in str(error.value) and "choose another save_name" in str(error.value)
+    assert theirs.read_bytes() == written
+    assert not (host.base_dir / "models" / "loras" / "their_embedding.safetensors").exists()
+
+
+def test_an_unreadable_file_of_the_name_is_refused_by_name_even_with_overwrite_on(host, mod, sd1, subject):
+    broken = host.base_dir / "models" / "loras" / "broken.safetensors"
+    broken.write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a readable safetensors file") as error:
+        train(mod, sd1, subject, save_name="broken", overwrite=True)
+    assert str(broken) in str(error.value) and "choose another save_name" in str(error.value)
+    assert broken.read_bytes() == b""
+
+
+def test_the_placeholder_is_a_whole_word_in_both_prompts(mod, sd1, subject):
+    """Placeholder V: "Vienna" in y_c is no placeholder, and in y_P only the word V becomes the learned token."""
+    model, clip, vae = sd1
+    contexts = []
+
+    def watch(apply_model, args):
+        contexts.append(args["c"]["c_crossattn"].detach().clone())
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(watch)
+    # lr 0 and no alignment term: one UNet pass, under y_P with the token at its start, the class word's embedding
+    train(mod, (watched, clip, vae), subject, placeholder="V", personalization_prompt="a photo of V in Vienna",
+          target_prompt="a sketch of a dog in Vienna", save_name="whole_word", steps=1, batch_size=1,
+          gradient_accumulation=1, learning_rate=0.0, alignment_weight=0.0, checkpoint_every=0)
+    with torch.inference_mode():
+        expected = clip.encode_from_tokens(clip.tokenize("a photo of dog in Vienna"))
+    assert len(contexts) == 1
+    assert torch.allclose(contexts[0], expected, atol=1e-5)
+
+
+def test_the_training_seed_gets_no_randomize_control_from_the_frontend(host):
+    """The frontend adds a randomize-after-run control to an INT named seed: every Run would then train again."""
+    import nodes
+    import ui_to_api
+    names = ui_to_api.widget_names(nodes.NODE_CLASS_MAPPINGS["PALPTrainer"])
+    assert "training_seed" in names and None not in names
+
+
+@pytest.mark.parametrize("model_kind, clip_kind", [("tiny_sdxl", "tiny_sd1"), ("tiny_sd1", "tiny_sdxl")])
+def test_a_clip_of_another_family_is_refused_before_training(host, mod, subject, model_kind, clip_kind):
+    import tiny_models
+    model, _, vae = getattr(tiny_models, model_kind)()
+    clip = getattr(tiny_models, clip_kind)()[1]
+    with pytest.raises(ValueError, match="PALP Trainer: the CLIP encodes text .* different families"):
+        train(mod, (model, clip, vae), subject, save_name="mixed_families")
 
 
 def test_alpha_not_above_beta_warns_and_still_trains(host, mod, sd1, subject, caplog):
@@ -243,14 +341,15 @@ def test_nan_or_inf_images_are_refused_before_training(host, mod, sd1, subject, 
 
 
 def first_losses(host, name):
-    with safe_open(str(host.output_dir / "palp" / f"{name}.checkpoint.safetensors"), framework="pt") as f:
-        return f.get_tensor("curve.personalization"), f.get_tensor("curve.alignment")
+    """The loss curves a finished run stored with its LoRA (its checkpoint is removed)."""
+    with safe_open(str(host.base_dir / "models" / "loras" / f"{name}.safetensors"), framework="pt") as f:
+        curves = json.loads(f.metadata()["palp_curves"])
+    return torch.tensor(curves["personalization"]), torch.tensor(curves["alignment"])
 
 
 def test_gradient_checkpointing_trains_the_same_lora(host, mod, sd1, subject):
-    train(mod, sd1, subject, save_name="gc_off", steps=3, checkpoint_every=1)
-    checkpointed = train(mod, sd1, subject, save_name="gc_on", steps=3, checkpoint_every=1,
-                         gradient_checkpointing=True)
+    train(mod, sd1, subject, save_name="gc_off", steps=3)
+    checkpointed = train(mod, sd1, subject, save_name="gc_on", steps=3, gradient_checkpointing=True)
     loras = [load_file(host.base_dir / "models" / "loras" / f"{n}.safetensors") for n in ("gc_off", "gc_on")]
     drift = max((loras[0][k] - loras[1][k]).abs().max().item() for k in loras[0])
     print(f"\nLoRA after 3 steps, checkpointed vs not: max difference {drift:.2e}")
@@ -261,8 +360,8 @@ def test_gradient_checkpointing_trains_the_same_lora(host, mod, sd1, subject):
 
 
 def test_bf16_trains_with_finite_losses_close_to_fp32(host, mod, sd1, subject):
-    train(mod, sd1, subject, save_name="fp32", steps=2, checkpoint_every=1)
-    train(mod, sd1, subject, save_name="bf16", steps=2, checkpoint_every=1, precision="bf16")
+    train(mod, sd1, subject, save_name="fp32", steps=2)
+    train(mod, sd1, subject, save_name="bf16", steps=2, precision="bf16")
     fp32, bf16 = first_losses(host, "fp32"), first_losses(host, "bf16")
     print(f"\nfirst-step losses (personalization, alignment): fp32 {[c[0].item() for c in fp32]}, "
           f"bf16 {[c[0].item() for c in bf16]}")
@@ -325,35 +424,38 @@ def test_out_of_memory_says_what_to_lower(host, mod, sd1, subject):
     assert not (host.base_dir / "models" / "loras" / "oom.safetensors").exists()
 
 
+def trainer_widgets(workflow):
+    """The PALPTrainer node's ``widgets_values`` by input name, in the frontend's slot order."""
+    import nodes
+    import ui_to_api
+    trainer, = [n for n in workflow["nodes"] if n["type"] == "PALPTrainer"]
+    names = ui_to_api.widget_names(nodes.NODE_CLASS_MAPPINGS["PALPTrainer"])
+    assert len(names) == len(trainer["widgets_values"]), "the saved widgets line up with the inputs"
+    return trainer["widgets_values"], {name: i for i, name in enumerate(names) if name}
+
+
 def tiny_workflow(host, subject, name, **widgets):
     """A shipped PALP workflow with the subject images in place and a few tiny steps (the files keep the paper's
-    settings); ``widgets`` sets PALPTrainer widgets by index."""
-    import json
-    import pathlib
+    settings); ``widgets`` sets PALPTrainer widgets by input name."""
     from PIL import Image
     for file, image in (("subject.png", subject[0]), ("art.png", subject[1])):
         Image.fromarray((image.numpy() * 255).astype("uint8")).save(host.input_dir / file)
     workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / name).read_text())
+    values, slot = trainer_widgets(workflow)
+    for input_name, value in {"steps": 3, "gradient_accumulation": 1, "rank": 4, "resolution": SIDE, **widgets}.items():
+        values[slot[input_name]] = value
     for node in workflow["nodes"]:
-        if node["type"] == "PALPTrainer":
-            node["widgets_values"][4] = 3          # steps
-            node["widgets_values"][7] = 1          # gradient accumulation
-            node["widgets_values"][8] = 4          # rank
-            node["widgets_values"][16] = SIDE      # resolution
-            for index, value in widgets.items():
-                node["widgets_values"][int(index)] = value
         if node["type"] == "KSampler":
             node["widgets_values"][2] = 3
     return workflow, {n["type"]: str(n["id"]) for n in workflow["nodes"]}
 
 
-def test_the_single_subject_workflow_leaves_the_second_subject_empty():
+def test_the_single_subject_workflow_leaves_the_second_subject_empty(host):
     """Issue 12: the single-subject graph must not show second-subject values it ignores."""
-    import json
-    import pathlib
     workflow = json.loads((pathlib.Path(__file__).parents[2] / "workflows" / "palp_subject_to_prompt.json").read_text())
+    values, slot = trainer_widgets(workflow)
+    assert [values[slot[n]] for n in ("placeholder_2", "class_word_2", "personalization_prompt_2")] == ["", "", ""]
     trainer, = [n for n in workflow["nodes"] if n["type"] == "PALPTrainer"]
-    assert trainer["widgets_values"][25:] == ["", "", ""]
     assert not any(i["name"] == "images_2" and i.get("link") is not None for i in trainer["inputs"])
 
 
@@ -385,7 +487,7 @@ def test_requeueing_the_workflow_reuses_its_files_and_a_change_says_what_differs
     graph reuses the trained files (no training, no error, the same outputs), a changed setting is named."""
     import copy
     import harness
-    workflow, by_type = tiny_workflow(host, subject, "palp_subject_to_prompt.json", **{"21": "palp_requeue"})
+    workflow, by_type = tiny_workflow(host, subject, "palp_subject_to_prompt.json", save_name="palp_requeue")
     lora = host.base_dir / "models" / "loras" / "palp_requeue.safetensors"
     first = harness.run_workflow(copy.deepcopy(workflow), latent_side=SIDE)
     written = lora.stat().st_mtime_ns
@@ -397,7 +499,7 @@ def test_requeueing_the_workflow_reuses_its_files_and_a_change_says_what_differs
     for node, slot in ((by_type["VAEDecode"], 0), (by_type["PALPTrainer"], 2)):
         assert torch.equal(first[node][slot], second[node][slot])
 
-    changed, _ = tiny_workflow(host, subject, "palp_subject_to_prompt.json", **{"21": "palp_requeue", "4": 4})
+    changed, _ = tiny_workflow(host, subject, "palp_subject_to_prompt.json", save_name="palp_requeue", steps=4)
     expected = r"output 'palp_requeue' exists from a run with different steps \(3 vs 4\)"
     with pytest.raises(AssertionError, match=expected):
         harness.run_workflow(changed, latent_side=SIDE)
