@@ -46,10 +46,12 @@ def _sigma_window(model, start, end):
 def _window_steps(schedule: list[float], sigma_start: float, sigma_end: float, what: str) -> list[int]:
     steps = [i for i, s in enumerate(schedule[:-1]) if sigma_end < s <= sigma_start]
     if not steps:
+        late = schedule[0] <= sigma_end     # the schedule starts after the window (denoise below 1)
         raise ValueError(f"the {what} window holds no step of this schedule ({len(schedule) - 1} steps, "
-                         f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): widen the window or use more steps; a schedule "
-                         "made with denoise below 1 starts after the early windows, so no step count helps there "
-                         "(raise denoise or move the window).")
+                         f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): " + (
+                             "the schedule starts after the window (made with denoise below 1?), so no step count "
+                             "helps: raise denoise or move the window earlier." if late else
+                             "widen the window or use more steps."))
     return steps
 
 
@@ -187,7 +189,7 @@ class LayoutGuidance(io.ComfyNode):
         schedule = [float(s) for s in sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
         store = AttentionStore([word], positions, prompt_len, chosen, offload_device=host.offload_device(model))
-        guider = comfy.samplers.CFGGuider(host.install_capture(model, store, chosen, []))
+        guider = comfy.samplers.CFGGuider(host.install_capture(host.without_capture(model), store, chosen, []))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -200,25 +202,38 @@ class LayoutGuidance(io.ComfyNode):
         return io.NodeOutput(term)
 
 
-NO_SAMPLER = ("the Pick-and-Draw Sampler's MODEL was sampled without its SAMPLER ({}): the appearance and layout "
-              "terms would be ignored and the image would be plain sampling. Wire both outputs of the Pick-and-Draw "
-              "Sampler node into SamplerCustom or SamplerCustomAdvanced (MODEL → model, SAMPLER → sampler), not into "
-              "KSampler.")
+NO_SAMPLER = ("the Pick-and-Draw Sampler's MODEL was sampled without its SAMPLER ({}) over steps of a guidance "
+              "window: the appearance and layout terms would be ignored there and the image would be plain "
+              "sampling. Wire both outputs of the Pick-and-Draw Sampler node into SamplerCustom or "
+              "SamplerCustomAdvanced (MODEL → model, SAMPLER → sampler), not into KSampler.")
 
 
-def _needs_own_sampler(runs: list):
-    """OUTER_SAMPLE wrapper of the P&D MODEL: a sampling run must be driven by the P&D SAMPLER.
+class _Runs:
+    """How many runs the P&D SAMPLER has driven, shared with its MODEL's check (also through a deep copy of the
+    sampler's options by another pack)."""
+    count = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _needs_own_sampler(terms, runs: _Runs):
+    """OUTER_SAMPLE wrapper of the P&D MODEL: a run that holds a step of a term's window must be driven by the P&D
+    SAMPLER (a run without one, e.g. a hires pass at low denoise or SplitSigmas' tail, ignores nothing).
 
     A stock sampler (KSampler, KSamplerSelect) is refused before it starts; any other sampler (another pack's
-    wrapper around ours, say) is checked after the run, by whether ours ran (it counts its runs in ``runs[0]``).
+    wrapper around ours, say) is checked after the run, by whether ours ran (it counts its runs in ``runs``).
     """
     def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        schedule = sigmas.tolist()[:-1]
+        if not any(t.active(s) for t in terms for s in schedule):
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if isinstance(sampler, comfy.samplers.KSAMPLER) and sampler.sampler_function is not sample_pick_and_draw and \
                 not any(isinstance(v, comfy.samplers.Sampler) for v in sampler.extra_options.values()):
             raise ValueError(NO_SAMPLER.format(f"a stock sampler, {getattr(sampler.sampler_function, '__name__', '?')}"))
-        before = runs[0]
+        before = runs.count
         output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        if runs[0] == before:
+        if runs.count == before:
             raise ValueError(NO_SAMPLER.format(f"the sampler was {type(sampler).__name__}"))
         return output
     return wrapper
@@ -236,7 +251,7 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
     if loop.guider.model_options.get("transformer_options", {}).get(MARK) is not store:
         raise ValueError("the Pick-and-Draw SAMPLER needs the MODEL from the same Pick-and-Draw Sampler node: wire that "
                          "node's MODEL output into the sampler node too.")
-    runs[0] += 1
+    runs.count += 1
     schedule = [float(s) for s in sigmas]
     for term in terms:
         if not any(term.active(s) for s in schedule[:-1]):
@@ -364,8 +379,9 @@ class PickAndDrawSampler(io.ComfyNode):
         prepared = host.install_capture(with_gradient_checkpointing(gradient_model(model), gradient_checkpointing),
                                         store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
-        runs = [0]
-        prepared.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MARK, _needs_own_sampler(runs))
+        runs = _Runs()
+        prepared.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MARK,
+                                      _needs_own_sampler(terms, runs))
         sampler = comfy.samplers.KSAMPLER(sample_pick_and_draw,
                                           extra_options={"store": store, "terms": terms, "eta": eta, "normalise": normalise,
                                                          "subject": subject, "runs": runs})

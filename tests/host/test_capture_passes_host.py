@@ -129,7 +129,8 @@ def test_layout_template_ignores_pag_extra_passes(env):
 
 
 def test_the_packs_own_loops_on_a_captured_model_record_nothing(env, pack):
-    """An inversion and a palette pass given Attention Capture's MODEL are not sampling runs of it: they run with
+    """An inversion, a palette pass and a layout template given Attention Capture's MODEL are not sampling runs of it
+    (the template is the pack's own run of the vanilla model): they run with
     their own prompts (no prompt check), record nothing, and give what they give on the uncaptured model."""
     capture_nodes, pnd, model, clip = env
     inv = pack("nodes.inversion")
@@ -146,5 +147,11 @@ def test_the_packs_own_loops_on_a_captured_model_record_nothing(env, pack):
         inversion = ours[0]
         palettes = [pnd.UREMDGuidance.execute(m, inversion, clip, "cat", 0.0, "auto", 0.0, 1.0, 1.0).args[0].palette
                     for m in (captured, model)]
+        from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+        templates = [pnd.LayoutGuidance.execute(m, clip, "a photo of a cat", "cat", encode(clip, "a photo of a cat"),
+                                                encode(clip, ""), 7.5, Noise_RandomNoise(0), schedule(model),
+                                                {"samples": torch.zeros(1, 4, 16, 16)}, "cross", 0.0, 0.5, 1.0, 3,
+                                                0.5).args[0].maps for m in (captured, model)]
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*palettes) for k in a)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*templates) for k in a)
     assert store.runs == [], "nothing recorded into the user's capture"

@@ -156,7 +156,7 @@ def test_bad_inputs_are_refused_with_messages(env):
     with pytest.raises(ValueError, match="window holds no step"):
         env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
                                        noise_object(), sigmas, {"samples": latent}, "cross", 0.95, 0.96, 1.0, 3, 0.5)
-    with pytest.raises(ValueError, match="window holds no step.*denoise below 1 starts after the early windows"):
+    with pytest.raises(ValueError, match="window holds no step.*starts after the window .*raise denoise"):
         env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
                                        noise_object(), sigmas[5:], {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5)
     # the API takes an even kernel (the widget's step is the UI's): refused before the template run, by this node
@@ -204,6 +204,10 @@ def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
     with pytest.raises(ValueError, match="sampled without its SAMPLER .*the sampler was Plain"):
         sample_custom(prepared, Plain(), sigmas, latent, env)
     sample_custom(prepared, sampler, sigmas, latent, env)       # and the node's own pair still samples after that
+    # a run outside every window (SplitSigmas' tail, a hires pass at low denoise) ignores nothing: any sampler
+    tail = sigmas[5:]
+    assert torch.equal(sample_custom(prepared, comfy.samplers.sampler_object("euler"), tail, latent, env),
+                       sample_custom(env.model, comfy.samplers.sampler_object("euler"), tail, latent, env))
 
 
 def test_null_text_and_ddim_inversions_give_the_identical_palette(env):
