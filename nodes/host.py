@@ -106,8 +106,10 @@ def check_sampler_prompt(model, clip, prompt: str, where: str):
     return patched
 
 
-def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
-    tokens, vectors = [], {}
+def _encoder_tokens(chunks, inv_vocab, vectors: dict[str, torch.Tensor]) -> list[Token]:
+    """The tokenizer's chunks as Tokens; a spliced embedding is named by the candidate (``_embedding_vectors``)
+    whose first vector its first token is, "?" if none is (the host parses names its own way)."""
+    tokens, names = [], {}
     for chunk in chunks:
         for token, _weight, segment in chunk:
             if segment == 0:
@@ -115,39 +117,44 @@ def _encoder_tokens(chunks, inv_vocab, names) -> list[Token]:
             elif isinstance(token, int):
                 tokens.append(Token(inv_vocab[token], segment))
             else:  # an embedding vector spliced in by the tokenizer
-                vectors.setdefault(segment, next(names, "?"))
-                tokens.append(Token(f"embedding:{vectors[segment]}", segment))
+                if segment not in names:
+                    names[segment] = next((name for name, first in vectors.items()
+                                           if torch.equal(first.to(token), token)), "?")
+                tokens.append(Token(f"embedding:{names[segment]}", segment))
     return tokens
 
 
-def _embeddings_in(tokenizer, prompt: str) -> list[str]:
-    """The ``embedding:`` names of ``prompt`` the host's tokenizer splices in, in order, found by its own lookup: it
-    drops a name whose file it cannot find (with only a log line), and reads none without an embeddings folder."""
+def _embedding_vectors(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
+    """The first vector of each ``embedding:`` name of ``prompt`` whose file the tokenizer can load (its own lookup;
+    none without an embeddings folder)."""
     if tokenizer.embedding_directory is None:
-        return []
-    return [name for name in embedding_names(prompt) if tokenizer._try_get_embedding(name)[0] is not None]
+        return {}
+    loaded = {name: tokenizer._try_get_embedding(name)[0] for name in embedding_names(prompt)}
+    return {name: e.reshape(-1, e.shape[-1])[0] for name, e in loaded.items() if e is not None}
 
 
 def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tuple[int, ...]], int]:
     """Token positions of ``words`` in ``prompt`` as the host's CLIP lays it out, and the prompt length.
 
     SDXL tokenizes with two encoders whose outputs are concatenated per token; both must put the words
-    at the same positions (they share CLIP's BPE), which is checked rather than assumed.
+    at the same positions (they share CLIP's BPE), which is checked rather than assumed. An ``embedding:``
+    the tokenizer dropped (no such file, or punctuation glued to its name: the host then logs "does not
+    exist, ignoring") is refused by name when watched.
     """
     tokenized = clip.tokenize(prompt, return_word_ids=True)
     found = {}
     for key, chunks in tokenized.items():
         tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-        present = _embeddings_in(tokenizer, prompt)
+        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, _embedding_vectors(tokenizer, prompt))
+        spliced = {t.piece for t in tokens if t.piece and t.piece.startswith("embedding:")}
         for word in words:
             name = word.strip().removeprefix("embedding:")
-            if name in embedding_names(prompt) and name not in present:
+            if name in embedding_names(prompt) and f"embedding:{name}" not in spliced:
                 raise ValueError(
-                    f"'{word}': the prompt names embedding:{name}, but there is no such embedding file in the "
-                    f"embeddings folder (models/embeddings), so the host left it out of the prompt (its log says "
-                    f"'embedding:{name} does not exist, ignoring'). Put the file there (e.g. the one PALP Trainer "
-                    "wrote), fix the name, or watch another word.")
-        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, iter(present))
+                    f"'{word}': the prompt names embedding:{name}, but the host left it out of the prompt (its log "
+                    f"says 'embedding:… does not exist, ignoring'): there is no such file in the embeddings folder "
+                    "(models/embeddings), or punctuation is glued to the name (write a space after it). Put the "
+                    "file there (e.g. the one PALP Trainer wrote), fix the name, or watch another word.")
         found[key] = (word_positions(tokens, words), len(tokens))
     results = list(found.values())
     if any(r != results[0] for r in results):

@@ -87,11 +87,19 @@ def test_a_missing_embedding_file_is_named_and_the_others_keep_their_names(host,
     clip = sd1[1]
     prompt = "a photo of embedding:nosuchfile and embedding:tinyemb3 on the beach"
     for word in ("embedding:nosuchfile", "nosuchfile"):
-        with pytest.raises(ValueError, match="embedding:nosuchfile, but there is no such embedding file"):
+        with pytest.raises(ValueError, match="embedding:nosuchfile, but the host left it out"):
             pack.nodes.host.prompt_word_positions(clip, prompt, [word])
     (found,), _ = pack.nodes.host.prompt_word_positions(clip, prompt, ["embedding:tinyemb3"])
     flat = [t for chunk in clip.tokenize(prompt)["l"] for t in chunk]
     assert len(found) == 3 and all(isinstance(flat[p][0], torch.Tensor) for p in found)
+    # the host looks "tinyemb3." up as written and drops it; the embedding after it keeps its own name
+    save_file({"clip_l": torch.randn(2, 64)}, str(host.embeddings_dir / "tinyemb2.safetensors"))
+    glued = "a photo of embedding:tinyemb3. embedding:tinyemb2 on the beach"
+    with pytest.raises(ValueError, match="embedding:tinyemb3, but the host left it out.*punctuation"):
+        pack.nodes.host.prompt_word_positions(clip, glued, ["embedding:tinyemb3"])
+    (found,), _ = pack.nodes.host.prompt_word_positions(clip, glued, ["embedding:tinyemb2"])
+    flat = [t for chunk in clip.tokenize(glued)["l"] for t in chunk]
+    assert len(found) == 2 and all(isinstance(flat[p][0], torch.Tensor) for p in found)
 
 
 def test_sdxl_encoders_agree_on_positions(host, pack):
