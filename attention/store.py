@@ -26,8 +26,9 @@ from .maps import expand_positions
 
 
 # recorded runs a capture keeps, newest first (Attention Maps may read an older run when the host re-runs only it):
-# ~95 runs of one word at SD1.5 size with every cross-attention layer and step (5.4 MB each)
-KEEP_BYTES = 512 * 2**20
+# ~99 runs of one word at SD1.5 size with every cross-attention layer and step (5.1 MiB each) in the CPU's
+# memory; where runs are kept on a GPU (--highvram), memory the host's model management does not see, far fewer
+KEEP_BYTES = {"cpu": 512 * 2**20, "other": 64 * 2**20}
 
 
 def every_step(step: int, total: int) -> bool:
@@ -35,7 +36,8 @@ def every_step(step: int, total: int) -> bool:
 
 
 def _size(run: "Run") -> int:
-    return sum(t.numel() * t.element_size() for table in (run.maps, run.features) for t in table.values())
+    tensors = [*run.maps.values(), *run.features.values(), run.output]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _signature(output: torch.Tensor) -> torch.Tensor:
@@ -105,16 +107,17 @@ class LiveCapture:
 
 
 class AttentionStore:
-    def __init__(self, words, positions, prompt_len, layers=(), steps=every_step, keep_bytes=KEEP_BYTES,
+    def __init__(self, words, positions, prompt_len, layers=(), steps=every_step, keep_bytes=None,
                  dtype=torch.float16, offload_device="cpu"):
         self.words = list(words)
         self.layers = list(layers)
         self.positions = [tuple(p) for p in positions]
         self.prompt_len = prompt_len
         self.steps = steps
-        self.keep_bytes = keep_bytes
         self.dtype = dtype
         self.offload_device = torch.device(offload_device)
+        self.keep_bytes = keep_bytes if keep_bytes is not None else \
+            KEEP_BYTES["cpu" if self.offload_device.type == "cpu" else "other"]
         self.runs: list[Run] = []
         self._dropped = collections.deque(maxlen=1024)     # signatures of the outputs of runs no longer kept
         self._run: Run | None = None
@@ -149,8 +152,11 @@ class AttentionStore:
         run = self._averaged(run)
         run.output = output.detach().float().to(self.offload_device)
         self.runs.append(run)
-        while len(self.runs) > 1 and sum(map(_size, self.runs)) > self.keep_bytes:
-            self._dropped.append(_signature(self.runs.pop(0).output))
+        kept = sum(map(_size, self.runs))
+        while len(self.runs) > 1 and kept > self.keep_bytes:
+            dropped = self.runs.pop(0)
+            kept -= _size(dropped)
+            self._dropped.append(_signature(dropped.output))
 
     @contextlib.contextmanager
     def live(self):
@@ -219,7 +225,8 @@ class AttentionStore:
                 "no attention maps were recorded: wire the MODEL output of AttentionCapture into the sampler "
                 "that makes this LATENT (and nothing that re-patches the same layers after it)."
             )
-        if any(_same(sig, _signature(samples)) for sig in self._dropped):
+        signature = _signature(samples)
+        if any(_same(sig, signature) for sig in self._dropped):
             raise LookupError(
                 f"the maps of the run that made this LATENT are no longer kept: a capture keeps its newest runs up "
                 f"to {self.keep_bytes / 2**20:.0f} MiB ({len(self.runs)} now), and later runs of samplers using its "
