@@ -190,6 +190,9 @@ class PALPTrainer(io.ComfyNode):
             raise ValueError(f"resume is on but there is no checkpoint {paths.checkpoint} (a finished run removes its "
                              "own): turn resume off to start.")
 
+        # checked before anything is allocated (a refused resume costs nothing), read as tensors training may update
+        with torch.inference_mode(False):
+            saved = read_checkpoint(paths.checkpoint, settings.record(), inputs) if resume else None
         towers_ = towers(clip)
         with torch.inference_mode(False):
             gen = torch.Generator().manual_seed(training_seed)
@@ -198,8 +201,8 @@ class PALPTrainer(io.ComfyNode):
             vectors = [{t.embedding_key: torch.nn.Parameter(class_word_vector(clip, t, spec[2])) for t in towers_}
                        for spec in specs]
             state = State(adapters, vectors, learning_rate)
-            if resume:
-                state.restore(*read_checkpoint(paths.checkpoint, settings.record(), inputs))
+            if saved is not None:
+                state.restore(*saved)
                 log.info("PALP: resuming %s at step %d of %d", paths.checkpoint, state.step, steps)
 
         worker = gradient_model(model, PRECISIONS[precision])
@@ -252,7 +255,8 @@ class PALPTrainer(io.ComfyNode):
         try:
             run_loop(worker, positive, negative, latent_format.process_out(first), torch.tensor([1.0, 0.0]), trainer)
         except comfy.model_management.OOM_EXCEPTION as e:
-            lighter = [] if gradient_checkpointing else ["turn gradient_checkpointing on"]
+            lighter = [] if gradient_checkpointing else ["turn gradient_checkpointing on (not a setting of the run: "
+                                                         "resume continues its checkpoint with it)"]
             lighter += [] if precision == "bf16" else ["use precision bf16"]
             raise ValueError(f"out of memory while training at {resolution}px, batch {batch_size}, rank {rank}: "
                              + "; ".join(lighter + ["lower batch_size (raise gradient_accumulation to keep the "

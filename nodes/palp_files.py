@@ -89,6 +89,10 @@ def read_checkpoint(path: str, settings: dict, inputs: dict) -> tuple[dict[str, 
     metadata = _metadata(path, "turn resume off to start again.")
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a PALP checkpoint: turn resume off.")
+    if "palp_inputs" not in metadata:
+        raise ValueError(f"{path} was written by an older version of this pack, which did not record the run's "
+                         "inputs, so it cannot be checked against this run: turn resume off (with overwrite on) to "
+                         "start again.")
     step = int(metadata["palp_step"])
     found = differences(metadata, {key: value for key, value in settings.items() if key != "steps"}, inputs)
     if found:

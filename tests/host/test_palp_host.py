@@ -228,6 +228,13 @@ def test_resume_takes_only_its_own_runs_checkpoint_with_steps_left(host, mod, sd
         with pytest.raises(ValueError, match=message):
             train(mod, sd1, images, save_name="own_run", resume=True, **{"steps": 6, **overrides})
     assert checkpoint.exists()
+    # a checkpoint of the previous version (no input fingerprints) is refused as such, not as "other images"
+    from safetensors.torch import save_file
+    with safe_open(str(checkpoint), framework="pt") as f:
+        older = {k: v for k, v in f.metadata().items() if k != "palp_inputs"}
+    save_file(load_file(str(checkpoint)), str(checkpoint.with_name("older.checkpoint.safetensors")), older)
+    with pytest.raises(ValueError, match="written by an older version of this pack"):
+        train(mod, sd1, subject, save_name="older", resume=True, steps=6)
     with caplog.at_level("INFO"):
         train(mod, sd1, subject, save_name="own_run", steps=7, checkpoint_every=0, resume=True)
     assert any("at step 3 of 7" in r.getMessage() for r in caplog.records)
