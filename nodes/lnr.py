@@ -114,6 +114,23 @@ EXTRA_NAMES = {"control": "a ControlNet", "area": "an area (Conditioning Set Are
 PLAIN = (bool, int, float, str, type(None))
 
 
+def _refuse_extra(holders: list[str], key: str):
+    named = " and ".join(f"'{n}'" for n in holders)
+    raise ValueError(f"{named} {'carry' if len(holders) > 1 else 'carries'} {EXTRA_NAMES.get(key, 'an extra')} "
+                     f"(conditioning key \"{key}\"), which this node cannot honour: the reference, layout and target "
+                     "paths run as one batch, so it would act on all three or on none. Wire the plain text encoding "
+                     "here; what shapes the layout (ControlNet, areas) belongs to stage 1, the Step-Blend Sampler.")
+
+
+def _plain_negative(negative):
+    """``negative`` is every path's, so what it carries besides the prompt must be plain too (a ControlNet node
+    puts its control on the negative as well)."""
+    for _, extra in negative:
+        for key, value in extra.items():
+            if key != "pooled_output" and not isinstance(value, PLAIN):
+                _refuse_extra(["negative"], key)
+
+
 def _stack(reference_positive, target_positive):
     """One CONDITIONING entry whose batch holds one prompt per path, [y_r, y_p, y_r] (host notes §2.7: per-item
     prompts), with SDXL's pooled prompts stacked the same way.
@@ -138,14 +155,14 @@ def _stack(reference_positive, target_positive):
         if key == "pooled_output" and stacked:
             continue
         values = [e[key] for e in (ref_extra, tgt_extra) if key in e]
-        if len(values) == 2 and all(isinstance(v, PLAIN) for v in values) and values[0] == values[1]:
-            continue
-        holders = " and ".join(f"'{n}'" for n, c in named.items() if key in c[0][1])
-        raise ValueError(f"{holders} {'carry' if ' and ' in holders else 'carries'} {EXTRA_NAMES.get(key, 'an extra')} "
-                         f"(conditioning key \"{key}\"), which this node cannot honour: the reference, layout and target "
-                         "paths run as one batch, so it would act on all three or on none. Wire the plain text "
-                         "encoding here; what shapes the layout (ControlNet, areas) belongs to stage 1, the Step-Blend "
-                         "Sampler.")
+        if all(isinstance(v, PLAIN) for v in values):
+            if len(values) == 2 and values[0] == values[1]:
+                continue
+            raise ValueError(f"'reference_positive' and 'target_positive' differ in their \"{key}\" "
+                             f"({' vs '.join(repr(e.get(key)) for e in (ref_extra, tgt_extra))}), which applies to "
+                             "the whole batch of three paths: encode both prompts with the same kind of node and the "
+                             "same settings (e.g. both CLIPTextEncodeSDXL with one width and height).")
+        _refuse_extra([n for n, c in named.items() if key in c[0][1]], key)
     extra = dict(ref_extra)
     if stacked:
         extra["pooled_output"] = torch.cat([pooled[0], pooled[1], pooled[0]])
@@ -244,6 +261,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
                              "object's cross-attention itself: give 'words' (with 'clip' and 'prompt'); the mask it "
                              "builds is its blend_mask output.")
         positive = _stack(reference_positive, target_positive)
+        _plain_negative(negative)
         all_layers = host.unet_layers(model)
         for inversion, name in ((reference, "the reference inversion"), (layout, "the layout inversion")):
             require_same_model(inversion, model, name)
@@ -326,7 +344,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
 
         out, used = run_loop(patched, positive, negative, torch.zeros_like(layout.trajectory[-1]), sigmas, stage2,
                              cfg=cfg)
-        # M^c is built where the capture keeps its maps (the GPU under --highvram); a MASK goes where the host's are
+        # a MASK goes where the host's nodes keep theirs (a mask input on the GPU leaves the blend mask there)
         used = (torch.zeros(1, height, width) if used is None else used).to(comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": out}, used, ui=ui.PreviewMask(used, cls=cls))
 

@@ -19,21 +19,22 @@ def inversions(sd1_nodes):
     return invert(7), invert(8)
 
 
-def swap(env, inversions, reference_positive, target_positive, model=None, words="dog", mask=None):
+def swap(env, inversions, reference_positive, target_positive, model=None, words="dog", mask=None, negative=None):
     with torch.inference_mode():
         return env.lnr.MultiSourceAttnSwap.execute(model or env.model, *inversions, reference_positive, target_positive,
-                                                   env.encode(""), 7.5, 1, 3, "auto", "auto", env.clip, Y_P, words,
-                                                   mask, 0.1).args
+                                                   negative or env.encode(""), 7.5, 1, 3, "auto", "auto", env.clip, Y_P,
+                                                   words, mask, 0.1).args
 
 
-def controlled(env, text):
-    """``text`` encoded, with a tiny ControlNet applied by the host's ControlNetApplyAdvanced."""
+def controlled(env, text, which=0):
+    """``text`` encoded (``which`` 1: the empty negative beside it), with a tiny ControlNet applied by the host's
+    ControlNetApplyAdvanced, which controls both."""
     from nodes import ControlNetApplyAdvanced
     from test_gradient_paths_host import tiny_controlnet
     hint = env.tiny.smooth_images(torch.Generator().manual_seed(14), 1, 64, 64).movedim(1, -1)
     with torch.inference_mode():
         return ControlNetApplyAdvanced().apply_controlnet(env.encode(text), env.encode(""), tiny_controlnet(env.model),
-                                                          hint, 1.0, 0.0, 1.0)[0]
+                                                          hint, 1.0, 0.0, 1.0)[which]
 
 
 def hooked(env, text):
@@ -58,13 +59,16 @@ def test_conditioning_the_batch_cannot_honour_is_refused_naming_the_input_and_th
         (y_r, ConditioningSetMask().append(y_p, corner, "default", 1.0)[0], r"'target_positive' carries a mask"),
         (y_r, hooked(env, Y_P), r"'target_positive' carries hooks"),
         (ConditioningSetTimestepRange().set_range(y_r, 0.0, 0.5)[0], y_p,
-         r"'reference_positive' carries a timestep range"),
+         r"'reference_positive' and 'target_positive' differ in their \"end_percent\" \(0\.5 vs None\)"),
         (y_r, ConditioningCombine().combine(y_p, env.encode("a cat"))[0], r"'target_positive' holds 2 conditionings"),
         (ConditioningCombine().combine(env.encode("a cat"), y_r)[0], y_p, r"'reference_positive' holds 2 conditionings"),
     ]
     for reference_positive, target_positive, said in cases:
-        with pytest.raises(ValueError, match=said + r".*(one batch)"):
+        with pytest.raises(ValueError, match=said + r".*(one batch|the whole batch)"):
             swap(env, inversions, reference_positive, target_positive, words="", mask=torch.ones(1, 64, 64))
+    # ControlNetApplyAdvanced controls the negative too: wired with plain positives, it would act on every path
+    with pytest.raises(ValueError, match=r"'negative' carries a ControlNet .*one batch"):
+        swap(env, inversions, y_r, y_p, words="", mask=torch.ones(1, 64, 64), negative=controlled(env, Y_P, which=1))
 
 
 def test_the_stacked_prompts_keep_what_applies_to_every_path(sd1_nodes):
@@ -81,8 +85,8 @@ def test_the_stacked_prompts_keep_what_applies_to_every_path(sd1_nodes):
                        torch.cat([ref_extra["pooled_output"], tgt_extra["pooled_output"], ref_extra["pooled_output"]]))
     assert {k: extra[k] for k in sizes} == sizes
     wider = node_helpers.conditioning_set_values(y_p, {"width": 1152})
-    with pytest.raises(ValueError, match=r"'reference_positive' and 'target_positive' carry an extra \(conditioning "
-                                         r"key \"width\"\)"):
+    with pytest.raises(ValueError, match=r"'reference_positive' and 'target_positive' differ in their \"width\" "
+                                         r"\(1024 vs 1152\).*same kind of node and the same settings"):
         env.lnr._stack(y_r, wider)
 
 
