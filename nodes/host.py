@@ -229,13 +229,14 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
 
 
 def without_capture(model):
-    """A clone of ``model`` that no Attention Capture records from or checks prompts on: the pack's own loops given
-    a captured MODEL (an inversion, a palette pass) are not sampling runs of it, and run with their own prompts."""
+    """A clone of ``model`` without this pack's checks of a sampling run: no Attention Capture records from it or
+    checks prompts on it, and a Pick-and-Draw MODEL does not ask for its SAMPLER. The pack's own loops given such
+    a MODEL (an inversion, a palette pass, a layout template) are not sampling runs of it, and run with their
+    own prompts."""
     patched = model.clone()
-    for kind, key in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY),
-                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY),
-                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt")):
-        patched.remove_wrappers_with_key(kind, key)
+    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE):
+        for key in [k for k in patched.wrappers.get(kind, {}) if k.startswith(WRAPPER_KEY)]:
+            patched.remove_wrappers_with_key(kind, key)
     return patched
 
 

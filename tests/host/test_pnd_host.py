@@ -204,6 +204,10 @@ def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
     with pytest.raises(ValueError, match="sampled without its SAMPLER .*the sampler was Plain"):
         sample_custom(prepared, Plain(), sigmas, latent, env)
     sample_custom(prepared, sampler, sigmas, latent, env)       # and the node's own pair still samples after that
+    # the pack's own loops given this MODEL are not sampling runs of it (here: an inversion over the same steps)
+    with torch.inference_mode():
+        env.inversion.NullTextInvert.execute(prepared, env.clip, REF_PROMPT, "ddim", 10, "ddim_uniform", 7.5, 10, 1e-2,
+                                             1e-5, "", latent={"samples": latent})
     # a run outside every window (SplitSigmas' tail, a hires pass at low denoise) ignores nothing: any sampler
     tail = sigmas[5:]
     assert torch.equal(sample_custom(prepared, comfy.samplers.sampler_object("euler"), tail, latent, env),
