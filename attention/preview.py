@@ -44,8 +44,7 @@ def map_grid(run: Run, layers: list[AttnLayer], steps: list[int], word: int, ite
                 maps = run.maps.get((step, layer.key, branch))
                 if maps is None:
                     continue
-                tile = F.interpolate(maps[item, word][None, None].float().to(canvas.device), size=(cell, cell),
-                                     mode="nearest")[0, 0]
+                tile = F.interpolate(maps[item, word][None, None].float(), size=(cell, cell), mode="nearest")[0, 0]
                 canvas[y:y + cell, col * (cell + gap):col * (cell + gap) + cell] = colorize(tile)
             y += cell + gap
         y += group_gap

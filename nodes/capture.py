@@ -10,7 +10,7 @@ import comfy.model_management
 
 from ..attention.layers import RULE_HELP, parse_rule, select_layers
 from ..attention.preview import attention_mask, map_grid, mean_map
-from ..attention.store import AttentionStore, parse_steps
+from ..attention.store import AttentionStore, Run, parse_steps
 from ..attention.tokens import parse_words
 from . import host
 
@@ -101,7 +101,9 @@ class AttentionMaps(io.ComfyNode):
         samples = latent["samples"]
         host.require_finite(samples, "the LATENT", "the sampling run diverged, so its attention maps mean nothing: "
                             "fix the run (CFG, steps, model dtype) first.")
-        run = store.run_for(samples)
+        found = store.run_for(samples)
+        # a picture and a mask, made on the CPU: a store kept on the GPU (--highvram) is read from it once
+        run = Run(found.sigmas, {k: v.cpu() for k, v in found.maps.items()})
         which = 0 if branch == "cond" else 1
         _require_recorded(run, which)
         layers = _recorded_layers(store, mask_layers)
@@ -112,7 +114,7 @@ class AttentionMaps(io.ComfyNode):
         if not mask.any():
             log.warning("Attention Maps: the mask is empty: no cell of the averaged map of %s reaches mask_threshold "
                         "%g; lower the threshold (0 gives the soft map).", ", ".join(store.words), mask_threshold)
-        # the store may keep its runs on the GPU (--highvram); IMAGE and MASK go where the host's nodes keep theirs
+        # IMAGE and MASK go where the host's nodes keep theirs
         grid, mask = (t.to(comfy.model_management.intermediate_device()) for t in (torch.stack(grids), mask))
         return io.NodeOutput(grid, mask, ui=ui.PreviewImage(grid, cls=cls))
 
