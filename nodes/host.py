@@ -12,6 +12,7 @@ from ..attention.store import AttentionStore
 from ..attention.tokens import Token, embedding_names, word_positions
 
 WRAPPER_KEY = "comfyui_personalize"
+SAMPLER_CHECK_KEY = f"{WRAPPER_KEY}_pnd"   # the Pick-and-Draw MODEL's check for its SAMPLER (nodes/pnd.py)
 PIXELS_PER_LATENT = 8   # the SD1.x / SD2.x / SDXL VAEs
 UNTUNED = " Untuned starting point: no paper gives a value."
 TOY_TUNED = " Tuned on the toy world (bench/FIDELITY.md); an untested starting point on real models."
@@ -106,31 +107,42 @@ def check_sampler_prompt(model, clip, prompt: str, where: str):
     return patched
 
 
-def _encoder_tokens(chunks, inv_vocab, vectors: dict[str, torch.Tensor]) -> list[Token]:
-    """The tokenizer's chunks as Tokens; a spliced embedding is named by the candidate (``_embedding_vectors``)
-    whose first vector its first token is, "?" if none is (the host parses names its own way)."""
-    tokens, names = [], {}
+def _encoder_tokens(chunks, inv_vocab, candidates: list[tuple[str, torch.Tensor]]) -> list[Token]:
+    """The tokenizer's chunks as Tokens. Spliced embeddings are named by aligning them, in prompt order, with the
+    candidates (``_embedding_vectors``) whose vectors they are: a candidate the host dropped is skipped, a
+    segment no candidate matches is "?" (the host parses names its own way)."""
+    spliced = {}        # segment -> its vectors, in order of appearance (one embedding may span two chunks)
+    for chunk in chunks:
+        for token, _weight, segment in chunk:
+            if segment and not isinstance(token, int):
+                spliced.setdefault(segment, []).append(token)
+    names, next_candidate = {}, 0
+    for segment, vectors in spliced.items():
+        vectors = torch.stack(vectors)
+        match = next((i for i in range(next_candidate, len(candidates))
+                      if candidates[i][1].shape == vectors.shape and torch.equal(candidates[i][1].to(vectors), vectors)),
+                     None)
+        names[segment] = "?" if match is None else candidates[match][0]
+        next_candidate = next_candidate if match is None else match + 1
+    tokens = []
     for chunk in chunks:
         for token, _weight, segment in chunk:
             if segment == 0:
                 tokens.append(Token(None, 0))
             elif isinstance(token, int):
                 tokens.append(Token(inv_vocab[token], segment))
-            else:  # an embedding vector spliced in by the tokenizer
-                if segment not in names:
-                    names[segment] = next((name for name, first in vectors.items()
-                                           if torch.equal(first.to(token), token)), "?")
+            else:
                 tokens.append(Token(f"embedding:{names[segment]}", segment))
     return tokens
 
 
-def _embedding_vectors(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
-    """The first vector of each ``embedding:`` name of ``prompt`` whose file the tokenizer can load (its own lookup;
-    none without an embeddings folder)."""
+def _embedding_vectors(tokenizer, prompt: str) -> list[tuple[str, torch.Tensor]]:
+    """``(name, vectors [n, width])`` of each ``embedding:`` of ``prompt`` whose file the tokenizer can load (its own
+    lookup), in prompt order, repeats kept; none without an embeddings folder."""
     if tokenizer.embedding_directory is None:
-        return {}
-    loaded = {name: tokenizer._try_get_embedding(name)[0] for name in embedding_names(prompt)}
-    return {name: e.reshape(-1, e.shape[-1])[0] for name, e in loaded.items() if e is not None}
+        return []
+    loaded = [(name, tokenizer._try_get_embedding(name)[0]) for name in embedding_names(prompt)]
+    return [(name, e.reshape(-1, e.shape[-1])) for name, e in loaded if e is not None]
 
 
 def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tuple[int, ...]], int]:
@@ -234,9 +246,11 @@ def without_capture(model):
     a MODEL (an inversion, a palette pass, a layout template) are not sampling runs of it, and run with their
     own prompts."""
     patched = model.clone()
-    for kind in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.PREDICT_NOISE):
-        for key in [k for k in patched.wrappers.get(kind, {}) if k.startswith(WRAPPER_KEY)]:
-            patched.remove_wrappers_with_key(kind, key)
+    for kind, key in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY),
+                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY),
+                      (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt"),
+                      (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLER_CHECK_KEY)):
+        patched.remove_wrappers_with_key(kind, key)
     return patched
 
 

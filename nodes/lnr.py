@@ -127,7 +127,7 @@ def _plain_negative(negative):
     puts its control on the negative as well)."""
     for _, extra in negative:
         for key, value in extra.items():
-            if key != "pooled_output" and not isinstance(value, PLAIN):
+            if key in EXTRA_NAMES or (key != "pooled_output" and not isinstance(value, PLAIN)):
                 _refuse_extra(["negative"], key)
 
 
@@ -155,7 +155,8 @@ def _stack(reference_positive, target_positive):
         if key == "pooled_output" and stacked:
             continue
         values = [e[key] for e in (ref_extra, tgt_extra) if key in e]
-        if all(isinstance(v, PLAIN) for v in values):
+        # a timestep range is plain numbers, but one entry per batch has no cond outside it: refused as an extra
+        if key not in EXTRA_NAMES and all(isinstance(v, PLAIN) for v in values):
             if len(values) == 2 and values[0] == values[1]:
                 continue
             raise ValueError(f"'reference_positive' and 'target_positive' differ in their \"{key}\" "

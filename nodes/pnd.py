@@ -22,7 +22,7 @@ from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
 Layout = io.Custom("PERSONALIZE_PND_LAYOUT")
-MARK = f"{host.WRAPPER_KEY}_pnd"   # without_capture drops its sampler check for the pack's own loops
+MARK = host.SAMPLER_CHECK_KEY   # without_capture drops the sampler check for the pack's own loops
 
 
 def _window_inputs(default):

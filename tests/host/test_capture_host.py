@@ -100,6 +100,14 @@ def test_a_missing_embedding_file_is_named_and_the_others_keep_their_names(host,
     (found,), _ = pack.nodes.host.prompt_word_positions(clip, glued, ["embedding:tinyemb2"])
     flat = [t for chunk in clip.tokenize(glued)["l"] for t in chunk]
     assert len(found) == 2 and all(isinstance(flat[p][0], torch.Tensor) for p in found)
+    # two files that begin with the same vector (one copied and extended) are still told apart
+    first = torch.randn(64)
+    save_file({"clip_l": torch.stack([first, torch.randn(64)])}, str(host.embeddings_dir / "twin_a.safetensors"))
+    save_file({"clip_l": torch.stack([first, torch.randn(64), torch.randn(64)])},
+              str(host.embeddings_dir / "twin_b.safetensors"))
+    twins = "a photo of embedding:twin_a and embedding:twin_b on the beach"
+    a, b = pack.nodes.host.prompt_word_positions(clip, twins, ["embedding:twin_a", "embedding:twin_b"])[0]
+    assert (len(a), len(b)) == (2, 3) and not set(a) & set(b)
 
 
 def test_sdxl_encoders_agree_on_positions(host, pack):

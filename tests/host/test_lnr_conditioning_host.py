@@ -59,7 +59,10 @@ def test_conditioning_the_batch_cannot_honour_is_refused_naming_the_input_and_th
         (y_r, ConditioningSetMask().append(y_p, corner, "default", 1.0)[0], r"'target_positive' carries a mask"),
         (y_r, hooked(env, Y_P), r"'target_positive' carries hooks"),
         (ConditioningSetTimestepRange().set_range(y_r, 0.0, 0.5)[0], y_p,
-         r"'reference_positive' and 'target_positive' differ in their \"end_percent\" \(0\.5 vs None\)"),
+         r"'reference_positive' carries a timestep range"),
+        (ConditioningSetTimestepRange().set_range(y_r, 0.0, 0.5)[0],
+         ConditioningSetTimestepRange().set_range(y_p, 0.0, 0.5)[0],
+         r"'reference_positive' and 'target_positive' carry a timestep range"),
         (y_r, ConditioningCombine().combine(y_p, env.encode("a cat"))[0], r"'target_positive' holds 2 conditionings"),
         (ConditioningCombine().combine(env.encode("a cat"), y_r)[0], y_p, r"'reference_positive' holds 2 conditionings"),
     ]
