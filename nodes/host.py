@@ -240,6 +240,14 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
     return patched
 
 
+def refuse_pick_and_draw_model(model, what: str, where: str) -> None:
+    """Refuse the Pick-and-Draw Sampler's MODEL where a node samples it itself: only that node's SAMPLER may
+    sample it over a window's steps, and its refusal there would name a sampler node the user never wired."""
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLER_CHECK_KEY):
+        raise ValueError(f"{where}: {what} is the Pick-and-Draw Sampler's MODEL, which only that node's SAMPLER "
+                         "samples: wire the MODEL from before the Pick-and-Draw Sampler.")
+
+
 def without_capture(model):
     """A clone of ``model`` without this pack's checks of a sampling run: no Attention Capture records from it or
     checks prompts on it, and a Pick-and-Draw MODEL does not ask for its SAMPLER. The pack's own loops given such

@@ -72,6 +72,8 @@ class StepBlendSampler(io.ComfyNode):
                 personalized_negative, latent, seed, steps, cfg, sampler_name, scheduler, lambda1) -> io.NodeOutput:
         if not 0 <= lambda1 <= steps:
             raise ValueError(f"λ1 = {lambda1} is outside the {steps} steps: give 0 ≤ λ1 ≤ steps.")
+        for name, given in (("vanilla", vanilla), ("personalized", personalized)):
+            host.refuse_pick_and_draw_model(given, f"'{name}'", "Step-Blend Sampler")
         if _family(vanilla) != _family(personalized):
             raise ValueError(f"the vanilla model is {_family(vanilla)} but the personalized model is "
                              f"{_family(personalized)}: one latent passes from the first to the second, so both must "
@@ -255,6 +257,7 @@ class MultiSourceAttnSwap(io.ComfyNode):
     def execute(cls, model, reference, layout, reference_positive, target_positive, negative, cfg, lambda2,
                 blend_start, swap_layers, blend_layers, clip=None, prompt="", words="", mask=None,
                 mask_threshold=0.1, reference_path=PINNED, layout_path=PINNED) -> io.NodeOutput:
+        host.refuse_pick_and_draw_model(model, "'model'", "Multi-Source Attention Swap")
         if model.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, host.WRAPPER_KEY):
             raise ValueError("'model' comes through Attention Capture, which cannot record this node's sampling: every "
                              "pass batches the reference, layout and target paths, and its prompt check would see "

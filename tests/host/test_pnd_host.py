@@ -15,7 +15,8 @@ def env(host, pack):
 
     def encode(text):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    return types.SimpleNamespace(pnd=pack("nodes.pnd"), sampling=pack("nodes.sampling"), inversion=pack("nodes.inversion"),
+    return types.SimpleNamespace(pack=pack, pnd=pack("nodes.pnd"), sampling=pack("nodes.sampling"),
+                                 inversion=pack("nodes.inversion"),
                                  model=model, clip=clip, vae=vae,
                                  encode=encode, tiny=tiny_models)
 
@@ -208,6 +209,15 @@ def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
     with torch.inference_mode():
         env.inversion.NullTextInvert.execute(prepared, env.clip, REF_PROMPT, "ddim", 10, "ddim_uniform", 7.5, 10, 1e-2,
                                              1e-5, "", latent={"samples": latent})
+    # the swap and the step-blend sampler sample a MODEL themselves: refused there, naming the node and the input
+    lnr = env.pack("nodes.lnr")
+    with pytest.raises(ValueError, match="Step-Blend Sampler: 'personalized' is the Pick-and-Draw Sampler's MODEL"):
+        lnr.StepBlendSampler.execute(env.model, prepared, env.encode(""), env.encode(""), env.encode(PROMPT),
+                                     env.encode(""), {"samples": latent}, 0, 10, 7.5, "ddim", "ddim_uniform", 5)
+    inversion = reference_inversion(env, 10)
+    with pytest.raises(ValueError, match="Multi-Source Attention Swap: 'model' is the Pick-and-Draw Sampler's MODEL"):
+        lnr.MultiSourceAttnSwap.execute(prepared, inversion, inversion, env.encode(REF_PROMPT), env.encode(PROMPT),
+                                        env.encode(""), 7.5, 1, 3, "auto", "auto")
     # a run outside every window (SplitSigmas' tail, a hires pass at low denoise) ignores nothing: any sampler
     tail = sigmas[5:]
     assert torch.equal(sample_custom(prepared, comfy.samplers.sampler_object("euler"), tail, latent, env),
