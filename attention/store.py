@@ -12,7 +12,8 @@ explicit object whose ``__deepcopy__`` returns itself. It serves two uses:
 
 Recording keeps only the sampler's own cond/uncond passes: the node layer sets ``sampler_pass``
 while the sampler's CFG prediction computes its conds (``nodes/host.py``), so the extra UNet passes
-of SAG, PAG or a guidance gradient, made with the same patches at the same σ, are not averaged in.
+of SAG, PAG or a guidance gradient, made with the same patches at the same σ, are not averaged in; and of
+the sampler's passes at one step's σ the last one counts (heun's corrector comes before the step's own pass).
 """
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ class AttentionStore:
         self._sigma_cache = (None, None)
         self._columns = {}
         self.sampler_pass = False     # True only while the sampler's own cond/uncond passes run
+        self._pass = 0                # which of the sampler's passes is running (``begin_pass``)
+        self._filed = {}              # (table, key) -> the pass that filed it in the run in progress
 
     def __deepcopy__(self, memo):
         return self
@@ -133,6 +136,13 @@ class AttentionStore:
     def begin_run(self, sigmas: torch.Tensor):
         self._run = Run([float(s) for s in sigmas.flatten()])
         self._sigma_cache = (None, None)
+        self._filed = {}
+
+    def begin_pass(self):
+        """One of the sampler's own CFG predictions starts: what it files at a step replaces what an earlier pass
+        filed there (heun's corrector evaluates step i+1's σ at a guessed latent, before step i+1's own pass)."""
+        self._pass += 1
+        self.sampler_pass = True
 
     def abort_run(self):
         self._run = None
@@ -210,8 +220,13 @@ class AttentionStore:
             return
         step = self._step(extra_options["sigmas"])
         branches = extra_options["cond_or_uncond"]
+        recorded = getattr(self._run, table)
         for chunk, branch in zip(values.detach().chunk(len(branches)), branches):
-            getattr(self._run, table).setdefault((step, layer_key, branch), []).append(chunk.float())
+            key = (step, layer_key, branch)
+            # the calls of one pass (cond and uncond apart, several conds) are averaged; a later pass replaces
+            if self._filed.get((table, key)) != self._pass:
+                recorded[key], self._filed[(table, key)] = [], self._pass
+            recorded[key].append(chunk.float())
 
     # -- reading ----------------------------------------------------------------------------------
     def run_for(self, samples: torch.Tensor) -> Run:

@@ -212,7 +212,7 @@ def _sampler_pass_wrapper(store: AttentionStore):
         options = {**model_options,
                    "sampler_pre_cfg_function": [end_pre, *model_options.get("sampler_pre_cfg_function", [])],
                    "sampler_post_cfg_function": [end_post, *model_options.get("sampler_post_cfg_function", [])]}
-        store.sampler_pass = True
+        store.begin_pass()
         try:
             return executor(x, timestep, options, seed)
         finally:

@@ -54,7 +54,7 @@ def make_store(**kw):
 def begin(store, sigmas):
     """A run whose following calls are the sampler's own passes (the host wrapper marks them)."""
     store.begin_run(sigmas)
-    store.sampler_pass = True
+    store.begin_pass()
 
 
 def test_recording_keeps_the_output_and_matches_the_reference_per_branch_and_item():
@@ -173,6 +173,28 @@ def test_runs_are_fingerprinted_bounded_and_interrupted_runs_leave_nothing():
     assert copy.deepcopy({"s": store})["s"] is store
     # runs kept on a GPU (--highvram) are memory the host's model management does not see: a smaller bound
     assert make_store().keep_bytes == 512 * 2**20 and make_store(offload_device="meta").keep_bytes == 64 * 2**20
+
+
+def test_a_later_pass_at_a_steps_sigma_replaces_an_earlier_one_and_calls_of_one_pass_average():
+    """heun's corrector evaluates step i+1's σ at a guessed latent before step i+1's own pass: the own pass (the
+    later one) is the step's maps. The calls of one pass at one σ (several cond entries) are averaged."""
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    a, b = qkv(2, 1), qkv(2, 2)
+
+    def maps_of(*passes):
+        """Step 1's cond maps of a run whose passes (each a list of calls) all come at step 1's σ."""
+        store.begin_run(SIGMAS)
+        for calls in passes:
+            store.begin_pass()
+            for call in calls:
+                patch(*call, options(7.0))
+        store.end_run(torch.full((1,), float(len(store.runs))))
+        return store.runs[-1].maps[(1, LAYER.key, 0)].float()
+    only_a, only_b = maps_of([a]), maps_of([b])
+    assert not torch.equal(only_a, only_b)
+    assert torch.equal(maps_of([a], [b]), only_b), "the later pass replaces the earlier"
+    torch.testing.assert_close(maps_of([a, b]), (only_a + only_b) / 2, atol=2e-3, rtol=0)
 
 
 def test_features_are_recorded_only_on_chosen_layers():
