@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -16,3 +17,20 @@ def save_atomic(tensors: dict, path: str, metadata: dict) -> None:
     finally:
         if os.path.exists(temp):
             os.remove(temp)
+
+
+class Unreadable(Exception):
+    """A file that is empty, cut short or not safetensors; its message is the reader's reason, in one line."""
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:160]
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """A safetensors file's metadata without its tensors; ``Unreadable`` when the file cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:   # safetensors raises its own error type for an empty, truncated or foreign file
+        raise Unreadable(first_line(e)) from None

@@ -136,12 +136,12 @@ def _encoder_tokens(chunks, inv_vocab, candidates: list[tuple[str, torch.Tensor]
     return tokens
 
 
-def _embedding_vectors(tokenizer, prompt: str) -> list[tuple[str, torch.Tensor]]:
-    """``(name, vectors [n, width])`` of each ``embedding:`` of ``prompt`` whose file the tokenizer can load (its own
-    lookup), in prompt order, repeats kept; none without an embeddings folder."""
+def _embedding_vectors(tokenizer, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, vectors [n, width])`` of each of a prompt's ``embedding:`` ``names`` whose file the tokenizer can
+    load (its own lookup), in prompt order, repeats kept; none without an embeddings folder."""
     if tokenizer.embedding_directory is None:
         return []
-    loaded = [(name, tokenizer._try_get_embedding(name)[0]) for name in embedding_names(prompt)]
+    loaded = [(name, tokenizer._try_get_embedding(name)[0]) for name in names]
     return [(name, e.reshape(-1, e.shape[-1])) for name, e in loaded if e is not None]
 
 
@@ -154,14 +154,15 @@ def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tup
     exist, ignoring") is refused by name when watched.
     """
     tokenized = clip.tokenize(prompt, return_word_ids=True)
+    named = embedding_names(prompt)
     found = {}
     for key, chunks in tokenized.items():
         tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, _embedding_vectors(tokenizer, prompt))
+        tokens = _encoder_tokens(chunks, tokenizer.inv_vocab, _embedding_vectors(tokenizer, named))
         spliced = {t.piece for t in tokens if t.piece and t.piece.startswith("embedding:")}
         for word in words:
             name = word.strip().removeprefix("embedding:")
-            if name in embedding_names(prompt) and f"embedding:{name}" not in spliced:
+            if name in named and f"embedding:{name}" not in spliced:
                 raise ValueError(
                     f"'{word}': the prompt names embedding:{name}, but the host left it out of the prompt (its log "
                     f"says 'embedding:… does not exist, ignoring'): there is no such file in the embeddings folder "

@@ -24,7 +24,7 @@ import folder_paths
 
 from ..guidance.inversion import ddim_invert, null_text_invert, replay
 from . import host
-from .files import save_atomic
+from .files import Unreadable, first_line, read_metadata, save_atomic
 from .sampling import grad_enabled, gradient_model, progress, readable_weights, run_loop, weights_cast_once
 
 InversionType = io.Custom("PERSONALIZE_INVERSION")
@@ -255,10 +255,6 @@ def save_inversion(inversion: Inversion, path: str) -> None:
                                 "fingerprint": json.dumps(inversion.fingerprint)})
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0][:160]
-
-
 def _remake(path: str, why: str) -> ValueError:
     return ValueError(f"the inversion file {path} {why}: make it again with Null-Text Invert (its save_name).")
 
@@ -267,11 +263,9 @@ def read_header(path: str) -> tuple[dict, dict]:
     """``(settings, fingerprint)`` of an inversion file without reading its tensors; refuses a foreign or
     broken file with its name."""
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:   # safetensors raises its own error type for an empty, truncated or foreign file
-        raise _remake(path, f"cannot be read ({_first_line(e)}; the file is empty, cut short or not a safetensors "
-                            "file)") from None
+        metadata = read_metadata(path)
+    except Unreadable as e:
+        raise _remake(path, f"cannot be read ({e}; the file is empty, cut short or not a safetensors file)") from None
     if metadata.get("format") != FILE_FORMAT:
         raise _remake(path, f"is not an inversion file of this pack's format {FILE_FORMAT!r} (it says "
                             f"{metadata.get('format')!r}; an older version of the pack or another tool wrote it)")
@@ -290,7 +284,7 @@ def load_inversion(path: str) -> Inversion:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise _remake(path, f"cannot be read ({_first_line(e)})") from None
+        raise _remake(path, f"cannot be read ({first_line(e)})") from None
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise _remake(path, f"lacks the tensors {', '.join(missing)}")

@@ -190,11 +190,10 @@ class PALPTrainer(io.ComfyNode):
             raise ValueError(f"resume is on but there is no checkpoint {paths.checkpoint} (a finished run removes its "
                              "own): turn resume off to start.")
 
-        # checked before anything is allocated (a refused resume costs nothing), read as tensors training may update
-        with torch.inference_mode(False):
-            saved = read_checkpoint(paths.checkpoint, settings.record(), inputs) if resume else None
         towers_ = towers(clip)
         with torch.inference_mode(False):
+            # checked before anything is allocated (a refused resume costs nothing), read as tensors training updates
+            saved = read_checkpoint(paths.checkpoint, settings.record(), inputs) if resume else None
             gen = torch.Generator().manual_seed(training_seed)
             adapters = {name: LoRAAdapter.create(shape, rank, gen, model.load_device)
                         for name, shape in attention_projections(model)}

@@ -21,13 +21,13 @@ import os
 import re
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import folder_paths
 
 from ..guidance.palp import LoRAAdapter
-from .files import save_atomic
+from .files import Unreadable, read_metadata, save_atomic
 from .inversion import _digest, _sample, model_fingerprint
 
 FOLDER = "palp"                    # checkpoints, under the host's output folder
@@ -167,10 +167,9 @@ def _shown(value) -> str:
 def _metadata(path: str, todo: str) -> dict[str, str]:
     """A safetensors file's metadata; a ValueError naming the file and saying ``todo`` when it cannot be read."""
     try:
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() or {}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): {todo}") from e
+        return read_metadata(path)
+    except Unreadable as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): {todo}") from None
 
 
 def differences(metadata: dict[str, str], settings: dict, inputs: dict) -> list[str]:
