@@ -16,7 +16,8 @@ a plain CFG step (at SD1.5 size: ``--size sd15 --measure memory``).
   (``tests/host/memory.py``): the first step of the layout window and the first of the appearance
   window (one gradient pass each), against the same step sampled plainly with CFG; with the sampler's
   ``gradient_checkpointing`` on (the default, the goal's figure) and off. Printed first.
-- Time: guided sampling with checkpointing on and off; end to end with it on (the default).
+- Time: guided sampling with checkpointing on (the smallest blocks kept whole, the default), on for every
+  block, and off; end to end with the default.
 - ``--trials`` (GPU, fp16 model): the guidance passes and the DDIM inversion computing in fp16 instead of
   fp32, their time and how far their result moves (``precision_trials``). Printed last.
 """
@@ -106,6 +107,11 @@ def main():
             sample(*prepare(inversion, checkpointing=False), sigmas)
 
     @synchronized(args.device)
+    def guided_every_block():
+        with torch.inference_mode(), patched(pnd, "KEEP_WHOLE", 0.0):
+            sample(*prepare(inversion), sigmas)
+
+    @synchronized(args.device)
     def end_to_end():
         with torch.inference_mode():
             sample(*prepare(invert()), sigmas)
@@ -149,18 +155,22 @@ def main():
                                      f"step, {args.res}px", "values": [ratio], "goal": goal,
                              "note": f"{peaks[window, name] / 2**20:.1f} / {peaks[window, 'plain'] / 2**20:.1f} MiB"})
     if "time" in args.measure:
-        fns = {"plain": plain, "guided": guided, "guided, activations kept": guided_kept, "end to end": end_to_end}
+        fns = {"plain": plain, "guided": guided, "guided, activations kept": guided_kept,
+               "guided, every block checkpointed": guided_every_block, "end to end": end_to_end}
         for fn in fns.values():
             fn()                                                   # warm-up
         t = timed(fns, args.repeats, clock(args.device, args.threads))
-        for name, goal in (("end to end", "<= 2.2"), ("guided", ""), ("guided, activations kept", "")):
+        for name, goal in (("end to end", "<= 2.2"), ("guided", ""), ("guided, activations kept", ""),
+                           ("guided, every block checkpointed", "")):
             lo, med = ratio_stats(t, name, "plain")
             print(f"P&D {name:24s} {min_median(t[name])[1]:8.3f} s  plain {min_median(t['plain'])[1]:.3f} s  ratio "
                   f"min/median {lo:.2f}/{med:.2f}x" + (f" (goal {goal}x)" if goal else ""))
             label = {"end to end": "P&D end to end (DDIM inversion + template + palette + guided sampling) / plain "
                                    "sampling",
                      "guided": "P&D guided sampling, inversion excluded / plain sampling",
-                     "guided, activations kept": "P&D guided sampling, gradient_checkpointing off / plain sampling"}[name]
+                     "guided, activations kept": "P&D guided sampling, gradient_checkpointing off / plain sampling",
+                     "guided, every block checkpointed": "P&D guided sampling, every block checkpointed (before the "
+                                                         "smallest were kept whole) / plain sampling"}[name]
             rows.append({"what": label, "values": [lo, med], "goal": goal})
     if args.trials:
         rows += precision_trials(args, model, inversion, invert, prepare, sample, sigmas, inv, pnd)

@@ -20,6 +20,14 @@ block re-enters the pass's own context for it (``sampling.RECOMPUTE_KEY``: the l
 through ``sampling.readable_weights``, no copy, no gradient; fp32 compute on a half-precision model),
 and the recomputed block computes exactly what the first run did.
 
+Checkpointing every block costs one more forward of each block per backward. A pass may keep some blocks
+whole (``keep``): on its first run at an input size every block is checkpointed and the activations each
+block makes are counted (the outputs of its leaf modules, bytes); from then on the smallest blocks are kept
+whole while their sum stays within ``keep`` times the largest block's. A checkpointed pass holds one
+block's recomputed activations at its peak anyway (at least the largest one's while that block's backward
+runs), so the peak grows by at most that fraction of it, and the small blocks kept whole are those at the
+coarse levels, where the compute per activation byte is highest (1280 channels on SD1.5 and SDXL).
+
 A pass that needs only what some layers record (P&D's guidance gradient reads maps and features, never
 the UNet's output) may name the last block it needs (``STOP_AFTER_KEY``): the forward ends there and
 returns zeros as the (unused) output.
@@ -94,10 +102,43 @@ def _warn_unsupported(model_name: str) -> None:
                 "with no other pack's DIFFUSION_MODEL wrapper; %s runs its own forward whole (more memory)", model_name)
 
 
+def _tensors(output):
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return [t for t in output if isinstance(t, torch.Tensor)] if isinstance(output, (tuple, list)) else []
+
+
+@contextlib.contextmanager
+def _counting_activations(sizes: dict, block_id: tuple):
+    """Adds to ``sizes[block_id]`` the bytes of every leaf module's output while the block runs (a proxy, in
+    proportion across blocks, for what its forward keeps for backward)."""
+    def count(module, args, output):
+        if next(module.children(), None) is None:
+            sizes[block_id] = sizes.get(block_id, 0) + sum(t.numel() * t.element_size() for t in _tensors(output))
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def kept_whole(sizes: dict, keep: float) -> set:
+    """The blocks a checkpointed pass keeps whole: the smallest, while their sum stays ≤ ``keep`` × the largest."""
+    budget, total, kept = keep * max(sizes.values(), default=0), 0, set()
+    for block_id, size in sorted(sizes.items(), key=lambda item: item[1]):
+        if total + size > budget:
+            break
+        total += size
+        kept.add(block_id)
+    return kept
+
+
 def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
-                   checkpoint=True, **kwargs):
+                   checkpoint=True, keep=0.0, plans=None, **kwargs):
     """The DIFFUSION_MODEL wrapper: ``UNetModel._forward`` block by block under grad, each block
-    checkpointed (``checkpoint``), ending after the block ``STOP_AFTER_KEY`` names, if any."""
+    checkpointed (``checkpoint``) but those ``kept_whole`` by ``keep`` (``plans``: per input size, the blocks
+    kept whole; the first pass at a size checkpoints all and counts), ending after the block
+    ``STOP_AFTER_KEY`` names, if any."""
     unet = executor.class_obj
     if not torch.is_grad_enabled():
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -107,6 +148,9 @@ def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=No
 
     options = transformer_options
     stop = options.get(STOP_AFTER_KEY)
+    plan_key = (tuple(x.shape), x.dtype, None if context is None else tuple(context.shape), stop)
+    sizes = {} if checkpoint and keep > 0 and plan_key not in plans else None   # this pass counts
+    whole = plans.get(plan_key, set()) if checkpoint and keep > 0 else set()
     options["original_shape"] = list(x.shape)
     options["transformer_index"] = 0
     patches = options.get("patches", {})
@@ -119,9 +163,10 @@ def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=No
     def block(module, block_id, h, output_shape=None):
         options["block"] = block_id
         run = _block_function(module, options, block_id, options["transformer_index"], output_shape)
-        if checkpoint:
-            h = torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False,
-                                                  context_fn=functools.partial(_recompute_context, options, module))
+        if checkpoint and block_id not in whole:
+            with _counting_activations(sizes, block_id) if sizes is not None else contextlib.nullcontext():
+                h = torch.utils.checkpoint.checkpoint(run, h, emb, context, use_reentrant=False,
+                                                      context_fn=functools.partial(_recompute_context, options, module))
         else:
             h = run(h, emb, context)
         options["transformer_index"] += sum(isinstance(layer, SpatialTransformer) for layer in module)
@@ -147,21 +192,25 @@ def blockwise_unet(executor, x, timesteps=None, context=None, y=None, control=No
             for patch in patches.get("output_block_patch", []):
                 h, skip = patch(h, skip, options)
             h = block(module, ("output", i), torch.cat([h, skip], dim=1), skips[-1].shape if skips else None)
+        out = unet.out(h.type(x.dtype))
     except _Stopped:
-        return x.new_zeros(x.shape[0], unet.out_channels, *x.shape[2:])
-    return unet.out(h.type(x.dtype))
+        out = x.new_zeros(x.shape[0], unet.out_channels, *x.shape[2:])
+    if sizes is not None:
+        plans[plan_key] = kept_whole(sizes, keep)
+    return out
 
 
 class _Stopped(Exception):
     """The block a pass needs last has run (``STOP_AFTER_KEY``)."""
 
 
-def with_gradient_checkpointing(model, checkpoint: bool = True):
+def with_gradient_checkpointing(model, checkpoint: bool = True, keep: float = 0.0):
     """A clone of ``model`` whose UNet forward runs block by block whenever grad is enabled: each block
-    checkpointed (``checkpoint``), and ending early for a pass that names its last block (``STOP_AFTER_KEY``)."""
+    checkpointed (``checkpoint``) but the smallest, kept whole within ``keep`` × the largest block's
+    activations, and ending early for a pass that names its last block (``STOP_AFTER_KEY``)."""
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY,
-                                 functools.partial(blockwise_unet, checkpoint=checkpoint))
+                                 functools.partial(blockwise_unet, checkpoint=checkpoint, keep=keep, plans={}))
     return patched
 
 

@@ -22,6 +22,9 @@ from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
 Layout = io.Custom("PERSONALIZE_PND_LAYOUT")
+# gradient checkpointing keeps the smallest blocks whole within this share of the largest block's activations
+# (nodes/checkpointing.py): SD1.5 at 256², 11 of 25 blocks (1/8 level, downsamplers) at the same peak memory
+KEEP_WHOLE = 0.5
 MARK = host.SAMPLER_CHECK_KEY   # without_capture drops the sampler check for the pack's own loops
 
 
@@ -341,11 +344,12 @@ class PickAndDrawSampler(io.ComfyNode):
                                          "(η then carries the loss scale)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="On: the guidance pass keeps only each UNet block's input and recomputes the "
-                                         "block during backward, so a guided step needs about the memory of a plain "
-                                         "step (the pass computes in fp32 on fp16/bf16 models; a ControlNet's own "
-                                         "activations are still kept). Off: about one forward less per guided step "
-                                         "and term, but the pass's activations are kept (SD1.5 at 256²: 3.3-3.5x a "
-                                         "plain step's memory, more at larger sizes). Same image either way."),
+                                         "block during backward (all but the smallest blocks, kept whole within half "
+                                         "the largest's activations), so a guided step needs about the memory of a "
+                                         "plain step (the pass computes in fp32 on fp16/bf16 models; a ControlNet's "
+                                         "own activations are still kept). Off: faster guided steps, but the pass's "
+                                         "activations are kept (SD1.5 at 256²: 3.3-3.5x a plain step's memory, more "
+                                         "at larger sizes). Same image either way."),
                 Appearance.Input("appearance", optional=True, tooltip="From UREMD Appearance Guidance."),
                 Layout.Input("layout", optional=True, tooltip="From Layout Guidance."),
             ],
@@ -376,7 +380,8 @@ class PickAndDrawSampler(io.ComfyNode):
                             "differently normalised maps. Use the same word (e.g. the class word) in both.",
                             subject, len(positions[0]), type(term).__name__, term.subject, term.tokens)
         store = AttentionStore([subject], positions, prompt_len, layers)
-        prepared = host.install_capture(with_gradient_checkpointing(gradient_model(model), gradient_checkpointing),
+        prepared = host.install_capture(with_gradient_checkpointing(gradient_model(model), gradient_checkpointing,
+                                                                    keep=KEEP_WHOLE),
                                         store, layers, features, record=False)
         prepared.model_options.setdefault("transformer_options", {})[MARK] = store
         runs = _Runs()
