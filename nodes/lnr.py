@@ -78,16 +78,20 @@ class StepBlendSampler(io.ComfyNode):
             raise ValueError(f"the vanilla model is {_family(vanilla)} but the personalized model is "
                              f"{_family(personalized)}: one latent passes from the first to the second, so both must "
                              "be of one family (e.g. SD1.5 and a DreamBooth/LoRA of SD1.5).")
+        # last_step None for the final segment: some schedulers give more sigmas than steps (ddim_uniform when the
+        # steps do not divide the model's 1000), and cutting at `steps` would end the schedule early
         out = latent
         if lambda1 > 0:
             out = host_nodes.common_ksampler(vanilla, seed, steps, cfg, sampler_name, scheduler, vanilla_positive,
-                                             vanilla_negative, out, start_step=0, last_step=lambda1,
-                                             force_full_denoise=lambda1 == steps)[0]
+                                             vanilla_negative, out, start_step=0,
+                                             last_step=lambda1 if lambda1 < steps else None)[0]
         if lambda1 < steps:
-            out = host_nodes.common_ksampler(personalized, seed, steps, cfg, sampler_name, scheduler,
+            # the second run's seed only drives an ancestral/SDE sampler's noise (its start noise is off): the same
+            # seed would add the first run's noise draws again, step λ1 + j repeating step j's
+            second_seed = (seed + 1) % 2**64 if lambda1 > 0 else seed
+            out = host_nodes.common_ksampler(personalized, second_seed, steps, cfg, sampler_name, scheduler,
                                              personalized_positive, personalized_negative, out,
-                                             disable_noise=lambda1 > 0, start_step=lambda1, last_step=steps,
-                                             force_full_denoise=True)[0]
+                                             disable_noise=lambda1 > 0, start_step=lambda1)[0]
         return io.NodeOutput(out)
 
 
@@ -297,6 +301,10 @@ class MultiSourceAttnSwap(io.ComfyNode):
                              f"'blend_layers', or set 'blend_start' beyond the {steps} steps.")
         if mask is not None:
             require_same_aspect(mask, (height, width), "'mask'", "the layout", "give a mask of the layout image.")
+            if mask.dim() == 3 and mask.shape[0] != 1:
+                raise ValueError(f"'mask' holds a batch of {mask.shape[0]} masks, and the swap retouches one layout "
+                                 "image: give that image's mask alone (MaskToImage → ImageFromBatch at its index → "
+                                 "ImageToMask, or make the mask from that image only).")
 
         def blend_mask():
             soft = None
@@ -307,7 +315,8 @@ class MultiSourceAttnSwap(io.ComfyNode):
                 soft = mean_map(layout_only, store.layers, snap.steps, (height, width))
                 soft = attention_mask(soft.amax(dim=1), mask_threshold)
             cross = soft if soft is not None else torch.zeros(1, height, width)
-            return adaptive_mask(cross, None if mask is None else mask[:1].float(), size=(height, width))
+            layout_mask = None if mask is None else mask.reshape(1, *mask.shape[-2:]).float()
+            return adaptive_mask(cross, layout_mask, size=(height, width))
 
         preview = latent_preview.prepare_callback(model, steps)
 

@@ -65,24 +65,44 @@ def plain_from(env, x_T, prompt):
     return out
 
 
-def test_step_blend_lambda1_extremes_equal_the_host_sampler(env):
+@pytest.mark.parametrize("steps", [STEPS, 6])
+def test_step_blend_lambda1_extremes_equal_the_host_sampler(env, steps):
+    """6 steps: the host's ddim_uniform gives 7 sigmas when the steps do not divide 1000; the node cut the last."""
     import nodes
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     pos_v, pos_p, neg = env.encode("a photo of a dog"), env.encode(Y_P), env.encode("")
 
     def blend(l1):
         with torch.inference_mode():
-            return env.lnr.StepBlendSampler.execute(env.model, env.personalized, pos_v, neg, pos_p, neg, latent, 3, STEPS,
+            return env.lnr.StepBlendSampler.execute(env.model, env.personalized, pos_v, neg, pos_p, neg, latent, 3, steps,
                                                     7.5, "ddim", "ddim_uniform", l1).args[0]["samples"]
 
     with torch.inference_mode():
-        vanilla = nodes.common_ksampler(env.model, 3, STEPS, 7.5, "ddim", "ddim_uniform", pos_v, neg, latent)[0]["samples"]
-        personal = nodes.common_ksampler(env.personalized, 3, STEPS, 7.5, "ddim", "ddim_uniform", pos_p, neg, latent)[0]["samples"]
-    assert torch.equal(blend(0), personal) and torch.equal(blend(STEPS), vanilla)
+        vanilla = nodes.common_ksampler(env.model, 3, steps, 7.5, "ddim", "ddim_uniform", pos_v, neg, latent)[0]["samples"]
+        personal = nodes.common_ksampler(env.personalized, 3, steps, 7.5, "ddim", "ddim_uniform", pos_p, neg, latent)[0]["samples"]
+    assert torch.equal(blend(0), personal) and torch.equal(blend(steps), vanilla)
     middle = blend(3)
     assert (middle - personal).abs().max() > 1e-3 and (middle - vanilla).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="λ1 = 9 is outside"):
-        blend(STEPS + 1)
+    with pytest.raises(ValueError, match=f"λ1 = {steps + 1} is outside"):
+        blend(steps + 1)
+
+
+def test_step_blend_with_an_ancestral_sampler_draws_no_noise_twice(env, monkeypatch):
+    """The personalized run's ancestral noise is not the vanilla run's again (both were seeded with `seed`, so step
+    λ1 + j added step j's noise a second time)."""
+    import comfy.k_diffusion.sampling as k_sampling
+    draws, original = [], k_sampling.default_noise_sampler
+
+    def recording(x, seed=None):
+        sample = original(x, seed)
+        return lambda sigma, sigma_next: draws.append(sample(sigma, sigma_next)) or draws[-1]
+    monkeypatch.setattr(k_sampling, "default_noise_sampler", recording)
+    pos, neg = env.encode(Y_P), env.encode("")
+    with torch.inference_mode():
+        env.lnr.StepBlendSampler.execute(env.model, env.model, pos, neg, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)},
+                                         7, 6, 7.5, "euler_ancestral", "normal", 3)
+    assert len(draws) == 5            # the last step (to σ = 0) draws none
+    assert not any(torch.equal(draws[i], draws[j]) for j in range(len(draws)) for i in range(j))
 
 
 def test_lambda2_at_the_step_count_gives_the_layout_path_as_a_separate_pass_would(env):
@@ -232,6 +252,7 @@ def test_bad_inputs_are_refused_naming_real_inputs(env):
         (dict(lambda2=2, blend_start=0), "'blend_start' = 0: steps count from 1"),
         (dict(words=""), "blending needs a mask"),
         (dict(words="dog", mask=torch.ones(1, 64, 32)), "give a mask of the layout image"),
+        (dict(words="dog", mask=torch.ones(2, 64, 64)), "'mask' holds a batch of 2 masks"),
         (dict(words="dog", reference=invert(env, env.images[0][:, :32])[0]), "differ in size"),
         (dict(words="dog", reference=invert(env, env.images[0], steps=STEPS + 2)[0]), "different steps or schedulers"),
         (dict(words="dog", paths=("pinned", "pinnned")), "'layout_path' must be 'pinned' or 'free-running'"),
