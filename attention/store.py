@@ -127,6 +127,9 @@ class AttentionStore:
         self._columns = {}
         self.sampler_pass = False     # True only while the sampler's own cond/uncond passes run
         self._pass = 0                # which of the sampler's passes is running (``begin_pass``)
+        # the recorded branch (0 cond, 1 uncond, None: not recorded) of each index of the pass's cond list, as
+        # ``extra_options["cond_or_uncond"]`` counts them; None: the list is CFG's own [positive, negative]
+        self.branches: dict[int, int | None] | None = None
         self._filed = {}              # (table, key) -> the pass that filed it in the run in progress
 
     def __deepcopy__(self, memo):
@@ -143,6 +146,7 @@ class AttentionStore:
         filed there (heun's corrector evaluates step i+1's σ at a guessed latent, before step i+1's own pass)."""
         self._pass += 1
         self.sampler_pass = True
+        self.branches = None
 
     def abort_run(self):
         self._run = None
@@ -219,9 +223,12 @@ class AttentionStore:
             getattr(self._live, table).setdefault(layer_key, values)
             return
         step = self._step(extra_options["sigmas"])
-        branches = extra_options["cond_or_uncond"]
+        indices = extra_options["cond_or_uncond"]
         recorded = getattr(self._run, table)
-        for chunk, branch in zip(values.detach().chunk(len(branches)), branches):
+        for chunk, index in zip(values.detach().chunk(len(indices)), indices):
+            branch = index if self.branches is None else self.branches.get(index)
+            if branch is None:      # a guider's third prompt (DualCFG's middle, PerpNeg's empty one)
+                continue
             key = (step, layer_key, branch)
             # the calls of one pass (cond and uncond apart, several conds) are averaged; a later pass replaces
             if self._filed.get((table, key)) != self._pass:

@@ -45,10 +45,12 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
+from .host import WRAPPER_KEY
 from .sampling import RECOMPUTE_KEY, readable_weights
 
 KEY = "comfyui-personalize.gradient_checkpointing"
-PACK_KEYS = "comfyui-personalize."    # the prefix of every wrapper key this pack installs
+# the prefixes of the wrapper keys this pack installs (host.py's capture and sampler checks use the second)
+PACK_KEYS = ("comfyui-personalize.", WRAPPER_KEY)
 # transformer_options entry: ("input" | "middle" | "output", index) of the last block a pass needs
 STOP_AFTER_KEY = "comfyui-personalize.stop_after_block"
 

@@ -12,6 +12,7 @@ from ..attention.store import AttentionStore
 from ..attention.tokens import Token, embedding_names, word_positions
 
 WRAPPER_KEY = "comfyui_personalize"
+BRANCHES = {"positive": 0, "negative": 1}   # the guider's conds a capture records: branch 0 cond, 1 uncond
 SAMPLER_CHECK_KEY = f"{WRAPPER_KEY}_pnd"   # the Pick-and-Draw MODEL's check for its SAMPLER (nodes/pnd.py)
 PIXELS_PER_LATENT = 8   # the SD1.x / SD2.x / SDXL VAEs
 UNTUNED = " Untuned starting point: no paper gives a value."
@@ -190,7 +191,7 @@ def _run_wrapper(store: AttentionStore):
     return wrapper
 
 
-def _sampler_pass_wrapper(store: AttentionStore):
+def _sampler_pass_wrapper(store: AttentionStore, guider: dict):
     """PREDICT_NOISE wrapper: marks the sampler's own cond/uncond passes, the only ones recorded.
 
     The sampler's CFG prediction first computes every cond's prediction (``calc_cond_batch``, or a
@@ -199,7 +200,8 @@ def _sampler_pass_wrapper(store: AttentionStore):
     from their post-CFG functions (at another x, or with perturbed attention), and a guider without
     pre-CFG functions (DualCFG) still runs the post-CFG ones: so the mark is set on entry and cleared
     by a function placed *first* in both lists of this call's options. Calls outside the prediction
-    (a guidance gradient pass through ``calc_cond_batch``) are never marked.
+    (a guidance gradient pass through ``calc_cond_batch``) are never marked. ``guider["conds"]`` keeps the
+    predicting guider's conds, by name, for ``_branches_wrapper``.
     """
     def end_pre(args):
         store.sampler_pass = False
@@ -213,11 +215,25 @@ def _sampler_pass_wrapper(store: AttentionStore):
         options = {**model_options,
                    "sampler_pre_cfg_function": [end_pre, *model_options.get("sampler_pre_cfg_function", [])],
                    "sampler_post_cfg_function": [end_post, *model_options.get("sampler_post_cfg_function", [])]}
+        guider["conds"] = getattr(executor.class_obj, "conds", None) or {}
         store.begin_pass()
         try:
             return executor(x, timestep, options, seed)
         finally:
             store.sampler_pass = False
+    return wrapper
+
+
+def _branches_wrapper(store: AttentionStore, guider: dict):
+    """CALC_COND_BATCH wrapper: which recorded branch each cond of the sampler's own pass is, by the guider's names
+    for its conds (set by ``_sampler_pass_wrapper``). Attention patches see a cond's index in the list the guider
+    passes, and only CFG's list is [positive, negative]: DualCFG passes [negative, middle, positive]."""
+    def wrapper(executor, model, conds, x_in, timestep, model_options):
+        if store.sampler_pass:
+            names = {id(c): name for name, c in guider.get("conds", {}).items()}
+            if any(id(c) in names for c in conds if c is not None):
+                store.branches = {i: BRANCHES.get(names.get(id(c))) for i, c in enumerate(conds)}
+        return executor(model, conds, x_in, timestep, model_options)
     return wrapper
 
 
@@ -235,9 +251,12 @@ def install_capture(model, store: AttentionStore, layers: list[AttnLayer], featu
     if feature_layers:
         patched.set_model_attn2_patch(feature_patch(feature_layers, store))
     if record:
+        guider = {}
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _run_wrapper(store))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
-                                     _sampler_pass_wrapper(store))
+                                     _sampler_pass_wrapper(store, guider))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                     _branches_wrapper(store, guider))
     return patched
 
 
@@ -257,6 +276,7 @@ def without_capture(model):
     patched = model.clone()
     for kind, key in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY),
                       (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY),
+                      (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY),
                       (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt"),
                       (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SAMPLER_CHECK_KEY)):
         patched.remove_wrappers_with_key(kind, key)

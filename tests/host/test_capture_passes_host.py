@@ -92,6 +92,33 @@ def test_sag_and_pag_extra_passes_are_not_recorded(env, guidance, order):
     assert_same_maps(store.run_for(out), replayed_run(capture_nodes, model, clip, sigmas, xs))
 
 
+@pytest.mark.parametrize("guider", ["DualCFG", "PerpNeg"])
+def test_other_guiders_passes_are_filed_by_their_prompts(env, guider):
+    """Attention patches see a cond's index in the guider's list: DualCFG passes [negative, middle, positive],
+    PerpNeg [positive, negative, empty]. The 'cond' maps are the positive prompt's, 'uncond' the negative's (under
+    DualCFG 'cond' showed the negative prompt's maps), and the third prompt's are not filed."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+    from comfy_extras.nodes_perpneg import Guider_PerpNeg
+    capture_nodes, _, model, clip = env
+    sigmas = schedule(model)
+    captured, store = capture(capture_nodes, model, clip)
+    if guider == "DualCFG":
+        made = Guider_DualCFG(captured)
+        made.set_conds(encode(clip, PROMPT), encode(clip, "a photo"), encode(clip, ""))
+        made.set_cfg(7.5, 7.5)
+    else:
+        made = Guider_PerpNeg(captured)
+        made.set_conds(encode(clip, PROMPT), encode(clip, ""), encode(clip, "a photo"))
+        made.set_cfg(7.5, 1.0)
+    xs, latent = [], torch.zeros(1, 4, 16, 16)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = made.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0,
+                          callback=lambda step, x0, x, total: xs.append(x.clone()))
+    assert_same_maps(store.run_for(out), replayed_run(capture_nodes, model, clip, sigmas, xs))
+
+
 def test_heun_corrector_passes_are_not_averaged_into_the_next_step(env):
     """heun evaluates step i+1's σ at a guessed latent (its corrector) before step i+1's own pass: each step's maps
     are its own pass's, as the replay of one CFG prediction per step's x records them (they used to average both:
