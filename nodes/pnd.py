@@ -17,7 +17,7 @@ from ..guidance.pnd import APPEARANCE_WINDOW, LAYOUT_WINDOW, AppearanceTerm, Lay
 from . import host
 from .checkpointing import STOP_AFTER_KEY, block_order, may_stop_early, with_gradient_checkpointing
 from .inversion import InversionType, require_same_model
-from .sampling import Loop, grad_enabled, gradient_model, readable_weights, run_loop
+from .sampling import Loop, grad_enabled, gradient_model, progress, readable_weights, run_loop
 
 CATEGORY = "personalize/pick-and-draw"
 Appearance = io.Custom("PERSONALIZE_PND_APPEARANCE")
@@ -49,11 +49,12 @@ def _sigma_window(model, start, end):
 def _window_steps(schedule: list[float], sigma_start: float, sigma_end: float, what: str) -> list[int]:
     steps = [i for i, s in enumerate(schedule[:-1]) if sigma_end < s <= sigma_start]
     if not steps:
-        late = schedule[0] <= sigma_end     # the schedule starts after the window (denoise below 1)
+        late = schedule[0] <= sigma_end     # the whole schedule comes after the window
         raise ValueError(f"the {what} window holds no step of this schedule ({len(schedule) - 1} steps, "
                          f"σ {schedule[0]:.3g} → {schedule[-2]:.3g}): " + (
-                             "the schedule starts after the window (made with denoise below 1?), so no step count "
-                             "helps: raise denoise or move the window earlier." if late else
+                             f"the schedule starts after the window's end (σ {sigma_end:.3g}). Made with denoise "
+                             "below 1? Raise denoise. A scheduler that starts low at few steps (ddim_uniform below "
+                             "about 5)? Use more steps. Or end the window later." if late else
                              "widen the window or use more steps."))
     return steps
 
@@ -117,13 +118,14 @@ class UREMDGuidance(io.ComfyNode):
         patched = host.install_capture(host.without_capture(model), store, chosen, chosen, record=False)
 
         def palette_pass(loop: Loop, x, sigmas):
-            palette = []
-            for i in steps:
+            palette, on_step = [], progress(len(steps))
+            for done, i in enumerate(steps, 1):
                 with store.live() as live:
                     loop.denoise(inversion.trajectory[i].to(x), schedule[i], "positive")
                 palette.append({l.key: masked_vectors(live.features[l.key][0].flatten(0, 1),
                                                       live.maps[l.key][0, 0] >= tau).detach().float().cpu()
                                 for l in chosen})
+                on_step(done)
             return x, palette
 
         latent = inversion.trajectory[-1][:1]
@@ -196,8 +198,10 @@ class LayoutGuidance(io.ComfyNode):
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        on_step = progress(steps[-1] + 1)
         guider.sample(noise.generate_noise({**latent, "samples": samples}), samples,
-                      comfy.samplers.sampler_object("euler"), sigmas[:steps[-1] + 2], seed=noise.seed)
+                      comfy.samplers.sampler_object("euler"), sigmas[:steps[-1] + 2], seed=noise.seed,
+                      callback=lambda step, x0, x, total: on_step(step + 1))
         run = store.runs[-1]
         maps = [{l.key: run.maps[(i, l.key, 0)][:, 0] for l in chosen} for i in steps]
         term = LayoutTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen], maps,

@@ -157,9 +157,13 @@ def test_bad_inputs_are_refused_with_messages(env):
     with pytest.raises(ValueError, match="window holds no step"):
         env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
                                        noise_object(), sigmas, {"samples": latent}, "cross", 0.95, 0.96, 1.0, 3, 0.5)
-    with pytest.raises(ValueError, match="window holds no step.*starts after the window .*raise denoise"):
-        env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
-                                       noise_object(), sigmas[5:], {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3, 0.5)
+    # a schedule after the window: denoise below 1 (its tail), or ddim_uniform at 3 steps (it starts at σ 2.9)
+    for after in (sigmas[5:], schedule(env.model, 3)):
+        with pytest.raises(ValueError, match="window holds no step.*starts after the window's end .*Raise denoise.*"
+                                             "ddim_uniform below about 5.*more steps.*end the window later"):
+            env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""),
+                                           7.5, noise_object(), after, {"samples": latent}, "cross", 0.0, 0.2, 1.0, 3,
+                                           0.5)
     # the API takes an even kernel (the widget's step is the UI's): refused before the template run, by this node
     with pytest.raises(ValueError, match="kernel_size must be odd .*got 4"):
         env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""), 7.5,
@@ -173,6 +177,32 @@ def test_bad_inputs_are_refused_with_messages(env):
         sample_custom(prepared, sampler, schedule(env.model, 12), latent, env)
     with pytest.raises(ValueError, match="needs the MODEL from the same Pick-and-Draw Sampler"):
         sample_custom(env.model, sampler, sigmas, latent, env)
+
+
+def test_palette_and_template_show_progress_and_honour_cancel(env, monkeypatch):
+    """Both loops report each step to the host's progress bar and stop at a Cancel (they ran to the end unseen)."""
+    import comfy.model_management
+    import comfy.utils
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: seen.append((value, total)))
+    reference_inversion(env, 10)
+    seen.clear()
+    terms(env, sigmas, latent)
+    assert seen == [(1, 2), (2, 2)] * 2, seen       # the palette's 2 steps, then the template's (to its window's end)
+    for make in (lambda: env.pnd.UREMDGuidance.execute(env.model, reference_inversion(env, 10), env.clip, "dog", 0.5,
+                                                       "auto", 0.2, 0.4, 1.0),
+                 lambda: env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE),
+                                                        env.encode(""), 7.5, noise_object(), sigmas, {"samples": latent},
+                                                        "cross", 0.0, 0.2, 1.0, 3, 0.5)):
+        seen.clear()
+        comfy.model_management.interrupt_current_processing(True)
+        try:
+            with pytest.raises(comfy.model_management.InterruptProcessingException), torch.inference_mode():
+                make()
+        finally:
+            comfy.model_management.interrupt_current_processing(False)
+        assert seen == [], "stopped at the first step"
 
 
 def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
