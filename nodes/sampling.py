@@ -134,12 +134,15 @@ def weights_cast_once(patcher, device):
     """
     base_model = patcher.model
     dtype = base_model.manual_cast_dtype
+    # the passes switch every cast layer's cast path on (gradient_model), so each layer stored in another dtype
+    # is cast at every pass
     layers = [] if dtype is None or getattr(patcher, "hook_patches", None) else [
         m for m in base_model.diffusion_model.modules()
-        if getattr(type(m), "forward_comfy_cast_weights", None) in _PLAIN_CASTS and m.comfy_cast_weights
+        if getattr(type(m), "forward_comfy_cast_weights", None) in _PLAIN_CASTS
         and not m.weight_function and not m.bias_function
         and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device == device
-                for t in m._parameters.values() if t is not None)]
+                for t in m._parameters.values() if t is not None)
+        and any(t.dtype != dtype for t in m._parameters.values() if t is not None)]
     size = sum(t.numel() * dtype.itemsize for m in layers for t in m._parameters.values() if t is not None)
     if layers and not _fits(size, device):
         layers = []
@@ -307,12 +310,17 @@ def _pass_context(base_model, dtype, readable, cast=None):
         yield
 
 
-def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast=True):
-    """CALC_COND_BATCH wrapper: under grad, the pass reads the loaded weights (UNet and ControlNets) without
-    copying them, in fp32 if they are half precision (``upcast``), with attention and patches that back-propagate."""
+def _gradient_pass(executor, model, conds, x_in, timestep, model_options, upcast=True, compute_dtype=None):
+    """CALC_COND_BATCH wrapper: every pass computes in ``compute_dtype`` if given; under grad, the pass reads the
+    loaded weights (UNet and ControlNets) without copying them, in fp32 if they are half precision (``upcast``),
+    with attention and patches that back-propagate."""
     if not torch.is_grad_enabled():
-        return executor(model, conds, x_in, timestep, model_options)
-    dtype = torch.float32 if upcast and (model.manual_cast_dtype or model.get_dtype()) in HALF else None
+        if compute_dtype is None:
+            return executor(model, conds, x_in, timestep, model_options)
+        with _computing_in(model, compute_dtype):
+            return executor(model, conds, x_in, timestep, model_options)
+    dtype = compute_dtype or (torch.float32 if upcast and (model.manual_cast_dtype or model.get_dtype()) in HALF
+                              else None)
     controls = _control_models(conds)
     options = _gradient_options(model_options, bool(controls))
     options["transformer_options"][RECOMPUTE_KEY] = lambda block: _pass_context(model, dtype, [block], block)
@@ -329,19 +337,26 @@ def gradient_model(model, compute_dtype=None):
     the model computes in half precision.
     """
     patched = model.clone()
-    if compute_dtype is not None and not _computes_in(model, compute_dtype):
-        patched.set_model_compute_dtype(compute_dtype)
+    upcast = compute_dtype is None
+    if compute_dtype is not None and _computes_in(model, compute_dtype):
+        compute_dtype = None
+    if compute_dtype is not None:
+        # The dtype as an object patch (the host's memory estimate and input casts read it) and the host's cast
+        # path switched on per pass (``_gradient_pass``): the host's set_model_compute_dtype forces that path at
+        # load and leaves its flags on the modules every clone shares, and a later partial (--lowvram) load of the
+        # model then skips those modules, LoRA patches and all.
+        patched.add_object_patch("manual_cast_dtype", compute_dtype)
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, GRADIENT_PASS_KEY,
-                                 functools.partial(_gradient_pass, upcast=compute_dtype is None))
+                                 functools.partial(_gradient_pass, upcast=upcast, compute_dtype=compute_dtype))
     return patched
 
 
 def _computes_in(model, dtype) -> bool:
     """The model already computes in ``dtype`` without a manual cast: weights stored in it, none cast.
 
-    ``set_model_compute_dtype`` would then only force the host's cast path on every layer
-    (``cast_bias_weight`` per forward, a no-op cast here) and cost time, with the same result bit for bit.
+    Forcing the host's cast path on every layer would then only cost time (``cast_bias_weight`` per forward, a
+    no-op cast here), with the same result bit for bit.
     """
     return model.get_model_object("manual_cast_dtype") is None and model.model_dtype() == dtype
 

@@ -301,7 +301,31 @@ def test_a_compute_dtype_the_model_already_computes_in_adds_no_cast(env):
                                    torch.zeros(1, 4, 16, 16), disable_pbar=True) for m in (env.model, worker)]
         assert torch.equal(out[0], out[1])
         half = env.sampling.gradient_model(env.model, torch.float16)
-    assert half.force_cast_weights and half.object_patches["manual_cast_dtype"] == torch.float16
+        hosts = env.model.clone()
+        hosts.set_model_compute_dtype(torch.float16)
+        out = [comfy.sample.sample(m, noise, 4, 7.5, "euler", "normal", encode(env, PROMPT), encode(env, ""),
+                                   torch.zeros(1, 4, 16, 16), disable_pbar=True) for m in (hosts, half)]
+    assert half.object_patches["manual_cast_dtype"] == torch.float16 and not half.force_cast_weights
+    assert torch.equal(out[0], out[1]), "every pass computes in fp16, as the host's own compute dtype makes them"
+
+
+def test_a_compute_dtype_leaves_no_cast_flags_on_the_shared_modules(env):
+    """NullTextInvert's (and PALP's) worker computing in fp32 on an fp16 model: the host's set_model_compute_dtype
+    left `prev_comfy_cast_weights` on every layer of the modules all clones share, and a later partial (--lowvram)
+    load took them for streamed layers already patched and installed no LoRA patch on them (found by review: a
+    LoRA sample after NullTextInvert lost its LoRA in those layers)."""
+    import comfy.model_management
+    import comfy.sample
+    model = half(torch.float16)
+    layers = [m for m in model.model.diffusion_model.modules() if hasattr(m, "comfy_cast_weights")]
+    before = [m.comfy_cast_weights for m in layers]
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        comfy.sample.sample(env.sampling.gradient_model(model, torch.float32), noise, 2, 7.5, "euler", "normal",
+                            encode(env, PROMPT), encode(env, ""), torch.zeros(1, 4, 16, 16), disable_pbar=True)
+    comfy.model_management.unload_all_models()
+    assert not [m for m in layers if hasattr(m, "prev_comfy_cast_weights")]
+    assert [m.comfy_cast_weights for m in layers] == before
 
 
 def test_weights_held_readable_for_a_loop_are_aliases_also_under_inference_mode(env):
@@ -784,7 +808,11 @@ def test_palp_trains_through_every_patch_at_once(env, pack):
             alpha=7.5, beta=1.0, alignment_weight=1.0, same_noise=True, rescale=True, timestep_min=0.0, timestep_max=1.0,
             resolution=64, precision="fp32", gradient_checkpointing=True, training_seed=0, save_name="gradient_paths_patched",
             overwrite=True, resume=False, checkpoint_every=0).args
-    trained = [a for fs in out.weight_wrapper_patches.values() for a in fs]
-    assert trained and all(torch.isfinite(a.up).all() for a in trained)
-    assert any(a.up.abs().max() > 0 for a in trained), "two Adam steps must move the LoRA's up factors off zero"
+    import folder_paths
+    from safetensors.torch import load_file
+    lora = load_file(folder_paths.get_full_path_or_raise("loras", "gradient_paths_patched.safetensors"))
+    ups = {k.removesuffix(".lora_up.weight"): v for k, v in lora.items() if k.endswith(".lora_up.weight")}
+    assert ups and all(torch.isfinite(u).all() for u in ups.values())
+    assert any(u.abs().max() > 0 for u in ups.values()), "two Adam steps must move the LoRA's up factors off zero"
+    assert all(f"{module}.weight" in out.patches for module in ups)     # the MODEL output carries the saved LoRA
 
