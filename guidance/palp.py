@@ -144,9 +144,10 @@ class LoRAAdapter(torch.nn.Module):
 
     Two ways to apply it: ``branch(x)`` is the low-rank branch, computed in fp32 (what training adds to the
     base projection, so a bf16 UNet sees the adapter from the first step); called on a weight, it is a host
-    weight wrapper W ↦ W + (alpha/rank)·up@down merged in fp32 and cast to the weight's dtype, as the host's
-    own LoRA loader merges a file, so a saved LoRA loaded by the host gives the same weights. Off, both leave
-    the base projection alone: the frozen pre-trained model G_θ of Eq. 6.
+    weight wrapper W ↦ W + (alpha/rank)·up@down merged in fp32 and cast to the weight's dtype. A wrapper sees
+    the stored weight, before an op's own scaling (a scaled-fp8 layer multiplies W + ΔW by its scale_weight),
+    so the trained MODEL is never built from wrappers: it is the saved LoRA through the host's loader. Off,
+    both leave the base projection alone: the frozen pre-trained model G_θ of Eq. 6.
     """
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float):
@@ -167,11 +168,6 @@ class LoRAAdapter(torch.nn.Module):
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    def frozen(self) -> "LoRAAdapter":
-        adapter = LoRAAdapter(self.down.detach().clone(), self.up.detach().clone(), self.alpha)
-        adapter.requires_grad_(False)
-        return adapter
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha/rank)·up(down x) in fp32, x [..., in_features] (the caller honours ``enabled``)."""

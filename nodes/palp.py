@@ -1,8 +1,9 @@
 """PALPTrainer: prompt-aligned personalization (arXiv 2401.06105, methods.md §3) as one training node.
 
 The node checks its inputs, prepares the subjects and the text encoders and hands over to the training
-loop (``nodes/palp_train.py``, whose maths is ``guidance/palp.py``: Eq. 1, 2, 6, 7); the files it writes
-and reads are ``nodes/palp_files.py``.
+loop (``nodes/palp_train.py``, whose maths is ``guidance/palp.py``: Eq. 1, 2, 6, 7), which writes the
+results; the files are ``nodes/palp_files.py``. The MODEL it returns is the written LoRA file loaded by
+the host's own LoRA loader.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from comfy_api.latest import io, ui
 from safetensors.torch import save_file
 
 import comfy.model_management
+import comfy.sd
+import comfy.utils
 
 from ..guidance.palp import LoRAAdapter
 from . import host
 from .checkpointing import with_gradient_checkpointing
 from .inversion import conditioning
-from .palp_files import Paths, read_checkpoint, read_results, run_inputs, stale, write_results
+from .palp_files import Paths, read_checkpoint, read_curves, run_inputs, stale
 from .palp_train import (PRECISIONS, Settings, State, Subject, Trainer, _marker_value, attention_projections,
                          class_word_vector, image_tensor, loss_plot, splice, square, towers,
                          with_embedding_dirs)
@@ -178,7 +181,7 @@ class PALPTrainer(io.ComfyNode):
             if not differences:         # a re-queue: the files are this run's result, as the host's cache would be
                 log.info("PALP: %s holds this run's result (same settings and inputs): reused, not retrained",
                          paths.lora)
-                return _outputs(cls, model, clip, paths, *read_results(paths.lora), alignment_weight)
+                return _outputs(cls, model, clip, paths, read_curves(paths.lora), alignment_weight)
             if not overwrite:
                 raise ValueError(f"output {paths.name!r} exists from a run with different {', '.join(differences)}"
                                  " (the file's vs this run's): choose another save_name, or turn overwrite on to "
@@ -260,19 +263,15 @@ class PALPTrainer(io.ComfyNode):
             raise ValueError(f"out of memory while training at {resolution}px, batch {batch_size}, rank {rank}: "
                              + "; ".join(lighter + ["lower batch_size (raise gradient_accumulation to keep the "
                                                     "effective batch), resolution or rank"]) + ".") from e
-
-        write_results(paths, adapters, vectors, settings.metadata(state.step, inputs), state.curves)
-        log.info("PALP: saved %s and %s after %d steps", paths.lora, ", ".join(paths.embeddings), state.step)
-        return _outputs(cls, model, clip, paths, adapters, state.curves, alignment_weight)
+        return _outputs(cls, model, clip, paths, state.curves, alignment_weight)
 
 
-def _outputs(node, model, clip, paths: Paths, adapters: dict[str, LoRAAdapter], curves: dict[str, list[float]],
-             alignment_weight: float) -> io.NodeOutput:
-    """The personalized MODEL (the LoRA merged as the host's loader merges it), the CLIP and the curves."""
-    personalized = model.clone()
-    with torch.inference_mode(False):
-        for name, adapter in adapters.items():
-            personalized.add_weight_wrapper(f"{name}.weight", adapter.frozen())
+def _outputs(node, model, clip, paths: Paths, curves: dict[str, list[float]], alignment_weight: float) -> io.NodeOutput:
+    """The personalized MODEL (the written LoRA file, loaded as LoraLoaderModelOnly loads it), CLIP and curves."""
+    # the host's own LoRA path on a clone, from the file itself: the MODEL is the file's on every weight format
+    # (merged as a weight wrapper into a scaled-fp8 weight, ΔW came out multiplied by the layer's scale_weight)
+    lora = comfy.utils.load_torch_file(paths.lora, safe_load=True)
+    personalized, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
     out_clip = with_embedding_dirs(clip, [os.path.dirname(paths.embeddings[0])])
     image = image_tensor(loss_plot(curves, alignment_weight))
     return io.NodeOutput(personalized, out_clip, image, ui=ui.PreviewImage(image, cls=node))

@@ -22,7 +22,6 @@ import re
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 import folder_paths
 
@@ -84,7 +83,9 @@ def read_checkpoint(path: str, settings: dict, inputs: dict) -> tuple[dict[str, 
     """The tensors of this run's PALP checkpoint and the step it was saved at.
 
     Refused when the checkpoint was made with other settings or inputs (``settings`` and ``inputs`` as for
-    ``stale``; only ``steps`` may differ, a larger one continuing the same run) or has no step left to train.
+    ``stale``; only ``steps`` may differ, a larger one continuing the same run) or is past ``steps``. One at
+    exactly ``steps`` holds a complete training whose results were never written (earlier versions saved a
+    Cancel honoured at the last step's progress update so): resuming it writes them, training nothing.
     """
     metadata = _metadata(path, "turn resume off to start again.")
     if metadata.get("format") != CHECKPOINT_FORMAT:
@@ -99,10 +100,9 @@ def read_checkpoint(path: str, settings: dict, inputs: dict) -> tuple[dict[str, 
         raise ValueError(f"{path} is from a run with different {', '.join(found)} (the checkpoint's vs this run's), "
                          "so resuming it would train neither run: set those back to continue it, or turn resume off "
                          "(with overwrite on) to start again with these.")
-    if step >= settings["steps"]:
-        raise ValueError(f"{path} is at step {step} and this run has {settings['steps']} steps: nothing is left "
-                         f"to train from it. Raise steps above {step} to continue it, or turn resume off to start "
-                         "again.")
+    if step > settings["steps"]:
+        raise ValueError(f"{path} is at step {step}, past this run's {settings['steps']} steps: raise steps to "
+                         f"{step} or more to continue it, or turn resume off to start again.")
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, step
 
@@ -120,18 +120,9 @@ def write_results(paths: Paths, adapters: dict[str, LoRAAdapter], vectors: list[
         os.remove(paths.checkpoint)
 
 
-def read_results(path: str) -> tuple[dict[str, LoRAAdapter], dict[str, list[float]]]:
-    """The frozen adapters and the loss curves of a LoRA file this node wrote."""
-    tensors = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        curves = json.loads(f.metadata()["palp_curves"])
-    adapters = {}
-    for key in tensors:
-        if key.endswith(".alpha"):
-            module = key.removesuffix(".alpha")
-            adapters[module] = LoRAAdapter(tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"],
-                                           float(tensors[key])).requires_grad_(False)
-    return adapters, curves
+def read_curves(path: str) -> dict[str, list[float]]:
+    """The loss curves stored with a LoRA file this node wrote (a re-queue's loss plot)."""
+    return json.loads(read_metadata(path)["palp_curves"])
 
 
 # --- what made a run ----------------------------------------------------------------------------

@@ -9,8 +9,7 @@ Trainables (never on the caller's MODEL or CLIP):
   branch beside its projection (:class:`LoRAProjection`, in place only while the loop runs, :func:`beside`)
   on a ``gradient_model`` clone (the loaded weights, read in place, get no gradient); each has an on/off flag, so the frozen base
   branch of Eq. 6 is the same clone with the adapters off (two clones of one base cannot be resident
-  together). The MODEL the node returns merges them as weight wrappers instead, as the host's LoraLoader
-  merges the saved file;
+  together). The MODEL the node returns is the saved LoRA file loaded by the host's own LoRA loader;
 - one token vector per placeholder and text tower, spliced into the tokenized prompt (the host's
   tokenizer accepts tensors in token lists) and reaching the UNet through a frozen text encoder whose
   weights are detached copies (``fresh_weights``).
@@ -40,7 +39,7 @@ import comfy.utils
 
 from ..guidance.palp import (LoRAAdapter, adapters_off, palp_loss, palp_residual, personalization_loss,
                              predicted_x0, renoise)
-from .palp_files import Paths, lora_state_dict, write_checkpoint
+from .palp_files import Paths, lora_state_dict, write_checkpoint, write_results
 from .sampling import check_interrupt, grad_enabled
 
 # the projection matrices of self- (attn1) and cross-attention (attn2), PALP App. C
@@ -278,7 +277,8 @@ def _eps(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class Trainer:
-    """The training loop of PALP (§4.2-4.4), run by ``run_loop`` inside ``CFGGuider.sample``.
+    """The training loop of PALP (§4.2-4.4), run by ``run_loop`` inside ``CFGGuider.sample``; it writes the run's
+    results once every step is trained, and a checkpoint of an unfinished run on Cancel.
 
     Branches: "positive" is the target prompt y_c (the base model's CFG branch), "negative" the empty
     prompt ∅; the personalized prompt y_P replaces the positive branch's context and pooled vector
@@ -297,6 +297,12 @@ class Trainer:
         # settings and inputs are what a resume is checked against
         write_checkpoint(self.paths.checkpoint, self.state.tensors(), self.s.metadata(self.state.step, self.inputs))
         self.saved = self.state.step
+
+    def finish(self) -> None:
+        """The complete run's LoRA and embeddings (``write_results`` then removes its checkpoint)."""
+        state = self.state
+        write_results(self.paths, state.adapters, state.vectors, self.s.metadata(state.step, self.inputs), state.curves)
+        log.info("PALP: saved %s and %s after %d steps", self.paths.lora, ", ".join(self.paths.embeddings), state.step)
 
     def stop(self, what: str):
         """End a diverged run with what happened and what is on disk (never a checkpoint that was not written)."""
@@ -369,9 +375,15 @@ class Trainer:
                                  state.step, s.steps, personalization, alignment)
                     bar.update_absolute(state.step, s.steps, preview)
         except comfy.model_management.InterruptProcessingException:
-            # keep what the completed steps learned; the half-accumulated step is dropped
-            self.checkpoint()
+            if state.step < s.steps:
+                # keep what the completed steps learned; the half-accumulated step is dropped
+                self.checkpoint()
+            else:
+                # honoured at the last step's progress update (the server's hook raises it there): the training
+                # is complete, so it is saved as a finished run's; a checkpoint would hold it unwritten
+                self.finish()
             raise
+        self.finish()
         return x, None
 
 

@@ -118,6 +118,69 @@ def test_the_saved_lora_through_the_hosts_loader_reproduces_the_trained_model(pa
     assert abs(ours - base) > 1e3 * abs(ours - hosts)
 
 
+def scaled_fp8(model):
+    """The tiny SD1's MODEL as the host loads an ``*_fp8_scaled`` UNet (``comfy.ops.scaled_fp8_ops``, fp32 compute):
+    every Linear weight stored in fp8 e4m3 as W / scale_weight, its own scale max|W| / 448 (e4m3's largest)."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import tiny_models
+    linears = {name for name, module in model.model.named_modules() if isinstance(module, torch.nn.Linear)}
+    with torch.inference_mode():
+        state = {}
+        for key, tensor in model.model.state_dict().items():
+            module = key.rsplit(".", 1)[0]
+            if module in linears and key.endswith(".weight"):
+                scale = tensor.abs().max().float() / 448
+                state[key], state[f"{module}.scale_weight"] = (tensor / scale).to(torch.float8_e4m3fn), scale
+            else:
+                state[key] = tensor
+        config = tiny_models.TinySD15(dict(tiny_models.SD1_UNET))
+        config.set_inference_dtype(torch.float32, None)
+        config.scaled_fp8 = torch.float8_e4m3fn
+        base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
+        missing, unexpected = base.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    return comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+
+
+def prediction(pack, model, clip):
+    """The model's x0 prediction at σ = 1 of fixed latents and noise under "a photo of a dog" (the host's conds)."""
+    sampling = pack("nodes.sampling")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        cond = [[clip.encode_from_tokens(clip.tokenize("a photo of a dog")), {}]]
+        return sampling.run_loop(model, cond, cond, latents, torch.tensor([1.0, 0.0]),
+                                 lambda loop, x, sigmas: (x, loop.denoise(x + noise, 1.0)))[1]
+
+
+@pytest.mark.parametrize("weights", ["fp32", "scaled fp8"])
+def test_the_output_model_is_its_saved_lora_through_the_hosts_loader_on_every_weight_format(
+        host, pack, mod, sd1, subject, weights):
+    """The MODEL output predicts as the base MODEL with the written LoRA loaded by LoraLoaderModelOnly, and so does
+    a re-queue's (the files reused). On a scaled-fp8 UNet the LoRA used to be merged as weight wrappers into the
+    stored fp8 weight, which the op then multiplies by its scale_weight (≈ 1e-3 here): the MODEL was the base."""
+    import nodes
+    model, clip, vae = sd1
+    if weights == "scaled fp8":
+        model = scaled_fp8(model)
+    before = snapshot(model)
+    name = "output_" + weights.replace(" ", "_")
+    kw = dict(save_name=name, steps=3, checkpoint_every=0)
+    out_model = train(mod, (model, clip, vae), subject, **kw)[0]
+    assert snapshot(model) == before                # the output is a clone
+    requeued = train(mod, (model, clip, vae), subject, **kw)[0]
+    with torch.inference_mode():
+        loaded, = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"{name}.safetensors", 1.0)
+    ours, again, hosts, base = (prediction(pack, m, clip) for m in (out_model, requeued, loaded, model))
+    off, lora = (ours - hosts).abs().max().item(), (hosts - base).abs().max().item()
+    print(f"\n{weights}: output MODEL vs base + its LoRA file through LoraLoaderModelOnly: max difference {off:.2e}, "
+          f"the LoRA's effect {lora:.2e}")
+    assert lora > 1e-3
+    assert off <= 1e-4 * lora
+    assert torch.equal(again, ours)
+
+
 def test_the_saved_embedding_loads_through_embedding_name(host, sd1, trained):
     _, clip, _ = sd1
     vector = load_file(trained.embedding)["clip_l"]
@@ -143,7 +206,8 @@ def test_the_callers_model_is_untouched_and_the_curves_are_drawn(sd1, trained):
 
 
 def cancelled(mod, sd1, subject, step, **kw):
-    """Train, pressing Cancel when the progress bar reaches ``step`` (the run stops and keeps its checkpoint)."""
+    """Train, pressing Cancel during step ``step``: the progress hook honours it at that step's update, as the
+    server's hook does (the run stops there; unfinished, it keeps its checkpoint)."""
     import comfy.model_management
     import comfy.utils
     previous = comfy.utils.PROGRESS_BAR_HOOK
@@ -151,6 +215,7 @@ def cancelled(mod, sd1, subject, step, **kw):
     def hook(value, total, preview, node_id=None):
         if value == step:
             comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
@@ -180,6 +245,38 @@ def test_cancel_keeps_a_valid_checkpoint_and_resume_continues_from_its_step(host
     print(f"\nresumed at step 3 of 6 vs uninterrupted: max LoRA difference {drift:.2e}")
     assert drift < 1e-6
     assert max(whole[k].abs().max().item() for k in whole if "lora_up" in k) > 1e-4
+
+
+def test_a_cancel_at_the_last_step_keeps_the_finished_training(host, mod, sd1, subject, caplog):
+    """A Cancel during the last step, honoured at its progress update once every step is trained, still writes the
+    results, as an uninterrupted run does (no checkpoint left), and a re-queue reuses them. The run used to save a
+    checkpoint at step == steps instead and no LoRA, and resume refused that checkpoint: the training was lost."""
+    kw = dict(steps=4, gradient_accumulation=2, checkpoint_every=0)
+    train(mod, sd1, subject, save_name="last_whole", **kw)
+    cancelled(mod, sd1, subject, 4, save_name="last_cut", **kw)
+    assert not (host.output_dir / "palp" / "last_cut.checkpoint.safetensors").exists()
+    with caplog.at_level("INFO"):
+        train(mod, sd1, subject, save_name="last_cut", resume=True, **kw)
+    assert any("reused, not retrained" in r.getMessage() for r in caplog.records)
+    for folder in (host.base_dir / "models" / "loras", host.embeddings_dir):
+        whole, cut = (load_file(folder / f"{name}.safetensors") for name in ("last_whole", "last_cut"))
+        assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_resume_of_a_checkpoint_at_exactly_steps_writes_its_results_without_training(host, mod, sd1, subject, caplog):
+    """A checkpoint at step == steps (the previous version saved a Cancel at the last step so) holds a complete
+    training: resuming it writes its LoRA and embedding, trains nothing and removes it. It used to be refused."""
+    cancelled(mod, sd1, subject, 2, save_name="at_steps", steps=4, checkpoint_every=0)
+    checkpoint = host.output_dir / "palp" / "at_steps.checkpoint.safetensors"
+    saved = load_file(checkpoint)
+    with caplog.at_level("INFO"):
+        train(mod, sd1, subject, save_name="at_steps", steps=2, checkpoint_every=0, resume=True)
+    assert not any("PALP step" in r.getMessage() for r in caplog.records)
+    lora = load_file(host.base_dir / "models" / "loras" / "at_steps.safetensors")
+    assert lora.keys() == {k for k in saved if k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))}
+    assert all(torch.equal(lora[k], saved[k]) for k in lora)
+    assert torch.equal(load_file(host.embeddings_dir / "at_steps.safetensors")["clip_l"], saved["token.0.clip_l"])
+    assert not checkpoint.exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -217,14 +314,14 @@ def test_a_finished_run_leaves_no_checkpoint_that_a_changed_run_could_resume(hos
 
 
 def test_resume_takes_only_its_own_runs_checkpoint_with_steps_left(host, mod, sd1, subject, caplog):
-    """A checkpoint records its run's settings and inputs: a resume with others is refused naming them, one at or
-    past the requested steps is refused, and a larger steps continues it (then the finished run removes it)."""
+    """A checkpoint records its run's settings and inputs: a resume with others is refused naming them, one past
+    the requested steps is refused, and a larger steps continues it (then the finished run removes it)."""
     cancelled(mod, sd1, subject, 3, save_name="own_run", steps=6, checkpoint_every=0)
     checkpoint = host.output_dir / "palp" / "own_run.checkpoint.safetensors"
     for images, overrides, message in (
             (subject, dict(learning_rate=5e-3), r"different learning_rate \(0\.01 vs 0\.005\) \(the checkpoint's"),
             (subject.flip(1), {}, "different subject images"),
-            (subject, dict(steps=3), "is at step 3 and this run has 3 steps")):
+            (subject, dict(steps=2), "is at step 3, past this run's 2 steps")):
         with pytest.raises(ValueError, match=message):
             train(mod, sd1, images, save_name="own_run", resume=True, **{"steps": 6, **overrides})
     assert checkpoint.exists()
