@@ -52,6 +52,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def _items_of(part: torch.Tensor, whole: torch.Tensor) -> bool:
+    """Whether every item of ``part`` is an item of the larger batch ``whole``."""
+    return part.shape[0] < whole.shape[0] and part.shape[1:] == whole.shape[1:] and \
+        all(any(_same(item, other) for other in whole) for item in part)
+
+
 def parse_steps(text: str):
     """Steps rule of a node: 'all', 'every N', or comma-separated 0-based indices/ranges ('0-9, 20')."""
     words = text.strip().lower()
@@ -254,6 +260,11 @@ class AttentionStore:
                 f"to {self.keep_bytes / 2**20:.0f} MiB ({len(self.runs)} now), and later runs of samplers using its "
                 "MODEL took their place. Run that sampler again (the host re-runs it when one of its inputs "
                 "changes), or give each sampler its own Attention Capture."
+            )
+        if any(_items_of(samples, run.output) for run in self.runs):
+            raise LookupError(
+                "this LATENT is part of a batch a sampler made with this capture's MODEL (a LatentFromBatch of its "
+                "output?): wire the sampler's whole LATENT into this node; its grid shows every item's maps."
             )
         raise LookupError(
             "this LATENT was not made by a sampler that used this capture's MODEL (or was changed after "

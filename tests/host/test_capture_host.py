@@ -261,6 +261,17 @@ def test_runs_are_kept_apart_and_an_interrupted_run_leaves_nothing(sd1, pack):
         read(pack, store, torch.zeros_like(third))
 
 
+def test_one_item_of_a_sampled_batch_is_told_apart_from_a_foreign_latent(sd1, pack):
+    """LatentFromBatch of a captured batch: the refusal says to wire the whole batch (it said 'not made by a sampler
+    that used this capture')."""
+    model, clip, _ = sd1
+    pos, neg = conds(clip, PROMPT)
+    captured, store = capture(pack, model, clip)
+    batch = sample(captured, pos, neg, batch=3, seed=4)
+    with pytest.raises(LookupError, match="part of a batch .* wire the sampler's whole LATENT"):
+        read(pack, store, batch[1:2])
+
+
 def test_denoise_below_one_records_steps_by_sigma(sd1, pack):
     import comfy.samplers
     model, clip, _ = sd1
