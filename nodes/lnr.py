@@ -72,6 +72,15 @@ class StepBlendSampler(io.ComfyNode):
                 personalized_negative, latent, seed, steps, cfg, sampler_name, scheduler, lambda1) -> io.NodeOutput:
         if not 0 <= lambda1 <= steps:
             raise ValueError(f"λ1 = {lambda1} is outside the {steps} steps: give 0 ≤ λ1 ≤ steps.")
+        if "noise_mask" in latent:
+            # the host's inpainting holds the unmasked region at the run's latent_image, which for the second run is
+            # the first run's output at σ_λ1: that region would come out still noisy
+            raise ValueError("'latent' carries a noise mask (Set Latent Noise Mask, VAE Encode (for Inpainting) or "
+                             "InpaintModelConditioning): this node runs the host's sampler twice, and the second run "
+                             "would keep the unmasked region at the first run's still-noisy latent instead of the "
+                             "input. Layout-and-Retouch's stage 1 draws the layout from noise: sample it without the "
+                             "mask (from an Empty Latent Image, or without Set Latent Noise Mask), or inpaint with a "
+                             "stock sampler (KSampler).")
         for name, given in (("vanilla", vanilla), ("personalized", personalized)):
             host.refuse_pick_and_draw_model(given, f"'{name}'", "Step-Blend Sampler")
         if _family(vanilla) != _family(personalized):

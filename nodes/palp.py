@@ -162,6 +162,12 @@ class PALPTrainer(io.ComfyNode):
                 rescale, timestep_min, timestep_max, resolution, precision, gradient_checkpointing, training_seed,
                 save_name, overwrite, resume, checkpoint_every, images_2=None, placeholder_2="", class_word_2="",
                 personalization_prompt_2="") -> io.NodeOutput:
+        # the host's set_inpaint gives the model these extra UNet inputs; training never supplies them (the host
+        # failed deep in its conds, 'NoneType' object has no attribute 'shape')
+        if "masked_image" in model.get_model_object("concat_keys"):
+            raise ValueError("'model' is an inpainting model (its UNet also takes a mask and a masked image), and PALP "
+                             "trains on whole images: train on the base model it was made from and load the LoRA "
+                             "into the inpainting one.")
         specs = [(images, placeholder, class_word, personalization_prompt)]
         second = (placeholder_2, class_word_2, personalization_prompt_2)
         if images_2 is not None:

@@ -286,6 +286,26 @@ def test_step_blend_refuses_models_of_different_families(env):
                                              3)
 
 
+def test_step_blend_refuses_a_latent_with_a_noise_mask_before_sampling(env, monkeypatch):
+    """The second run's latent_image is the first run's noisy output, and the host's inpainting pinned the unmasked
+    region to it: that region came out noisy (35 off one KSampler run at vanilla = personalized, latent std 6.2)."""
+    import re
+    import nodes
+    sampled = []
+    monkeypatch.setattr(nodes, "common_ksampler", lambda *args, **kw: sampled.append(args) or (args[8],))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 16:48, 16:48] = 1
+    latent = nodes.SetLatentNoiseMask().set_mask({"samples": torch.zeros(1, 4, 8, 8)}, mask)[0]
+    pos, neg = env.encode(Y_P), env.encode("")
+    with pytest.raises(ValueError, match="'latent' carries a noise mask") as refused:
+        with torch.inference_mode():
+            env.lnr.StepBlendSampler.execute(env.model, env.personalized, pos, neg, pos, neg, latent, 0, STEPS, 7.5,
+                                             "ddim", "ddim_uniform", 3)
+    inputs = {i.id for i in env.lnr.StepBlendSampler.define_schema().inputs}
+    assert set(re.findall(r"'([a-z_0-9]+)'", str(refused.value))) == {"latent"} <= inputs
+    assert not sampled
+
+
 def test_shipped_layout_and_retouch_workflow_runs_in_the_host_executor(host, env):
     """Stage 1 → decode → SAM → both inversions → stage 2, with a textual-inversion embedding as the personal concept."""
     import json

@@ -402,6 +402,32 @@ def test_a_clip_of_another_family_is_refused_before_training(host, mod, subject,
         train(mod, (model, clip, vae), subject, save_name="mixed_families")
 
 
+def tiny_inpaint_sd1():
+    """The tiny SD1 UNet with 9 input channels (latent + mask + masked image), made an inpainting model as the host's
+    supported_models do for in_channels > 4."""
+    import comfy.model_base
+    import tiny_models
+    with torch.inference_mode():
+        config = tiny_models.TinySD15({**tiny_models.SD1_UNET, "in_channels": 9})
+        model = tiny_models._unet(comfy.model_base.BaseModel, config, torch.Generator().manual_seed(0))
+        model.model.set_inpaint()
+    return model
+
+
+def test_an_inpainting_model_is_refused_before_anything_is_written(host, mod, sd1, subject):
+    """It needs a mask and a masked image PALP never gives: the host failed inside its conds ('NoneType' object has
+    no attribute 'shape')."""
+    import re
+    _, clip, vae = sd1
+    with pytest.raises(ValueError, match=r"'model' is an inpainting model .* train on the base model") as refused:
+        train(mod, (tiny_inpaint_sd1(), clip, vae), subject, save_name="inpainting", checkpoint_every=1)
+    inputs = {i.id for i in mod.PALPTrainer.define_schema().inputs}
+    assert set(re.findall(r"'([a-z_0-9]+)'", str(refused.value))) == {"model"} <= inputs
+    assert not (host.base_dir / "models" / "loras" / "inpainting.safetensors").exists()
+    assert not (host.embeddings_dir / "inpainting.safetensors").exists()
+    assert not (host.output_dir / "palp" / "inpainting.checkpoint.safetensors").exists()
+
+
 def test_alpha_not_above_beta_warns_and_still_trains(host, mod, sd1, subject, caplog):
     with caplog.at_level("WARNING"):
         train(mod, sd1, subject, save_name="low_alpha", steps=1, gradient_accumulation=1, alpha=1.0, beta=1.0)
