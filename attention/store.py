@@ -128,6 +128,7 @@ class AttentionStore:
         self.runs: list[Run] = []
         self._dropped = collections.deque(maxlen=1024)     # signatures of the outputs of runs no longer kept
         self._run: Run | None = None
+        self._latent_size = None
         self._live: LiveCapture | None = None
         self._sigma_cache = (None, None)
         self._columns = {}
@@ -142,8 +143,11 @@ class AttentionStore:
         return self
 
     # -- run lifecycle (driven by the sampler wrapper) ------------------------------------------
-    def begin_run(self, sigmas: torch.Tensor):
+    def begin_run(self, sigmas: torch.Tensor, latent_size: tuple[int, int] | None = None):
+        """A sampling run starts; ``latent_size`` (h, w): only passes over the whole latent are filed (an area
+        cond's pass runs on a crop of it, whose maps cover only that crop)."""
         self._run = Run([float(s) for s in sigmas.flatten()])
+        self._latent_size = None if latent_size is None else tuple(latent_size)
         self._sigma_cache = (None, None)
         self._filed = {}
 
@@ -205,6 +209,8 @@ class AttentionStore:
             return True
         if self._run is None or not self.sampler_pass:
             return False
+        if self._latent_size is not None and tuple(extra_options.get("original_shape", ())[-2:]) != self._latent_size:
+            return False        # an area cond's pass, on a crop of the latent
         step = self._step(extra_options["sigmas"])
         return step is not None and self.steps(step, len(self._run.sigmas) - 1)
 

@@ -180,7 +180,7 @@ def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tup
 def _run_wrapper(store: AttentionStore):
     """OUTER_SAMPLE wrapper: one recorded run per sampling call, discarded if the call fails or is cancelled."""
     def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        store.begin_run(sigmas)
+        store.begin_run(sigmas, latent_image.shape[-2:])
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         except BaseException:

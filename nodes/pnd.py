@@ -193,22 +193,34 @@ class LayoutGuidance(io.ComfyNode):
         sigma_start, sigma_end = _sigma_window(model, start, end)
         schedule = [float(s) for s in sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
+        if any("area" in extras for _, extras in positive):
+            raise ValueError(AREA.format("'positive'", "template's"))
         store = AttentionStore([word], positions, prompt_len, chosen, offload_device=host.offload_device(model))
         guider = comfy.samplers.CFGGuider(host.install_capture(host.without_capture(model), store, chosen, []))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         on_step = progress(steps[-1] + 1)
+        # the generation's own noise mask (inpainting): the template is what the vanilla model draws there
         guider.sample(noise.generate_noise({**latent, "samples": samples}), samples,
                       comfy.samplers.sampler_object("euler"), sigmas[:steps[-1] + 2], seed=noise.seed,
-                      callback=lambda step, x0, x, total: on_step(step + 1))
+                      denoise_mask=latent.get("noise_mask"), callback=lambda step, x0, x, total: on_step(step + 1))
         run = store.runs[-1]
+        missing = [i for i in steps if any((i, l.key, 0) not in run.maps for l in chosen)]
+        if missing:
+            raise ValueError(NO_ENTRY.format(f"the template's step {missing[0]} (σ {schedule[missing[0]]:.4g})",
+                                             "'positive'"))
         maps = [{l.key: run.maps[(i, l.key, 0)][:, 0] for l in chosen} for i in steps]
         term = LayoutTerm(sigma_start, sigma_end, weight, [schedule[i] for i in steps], [l.key for l in chosen], maps,
                           kernel_size, smooth_sigma, (samples.shape[0], *samples.shape[-2:]), word, len(positions[0]))
         return io.NodeOutput(term)
 
 
+AREA = ("{} has an area (Conditioning Set Area): the host runs that prompt on a crop of the latent, and P&D's "
+        "terms compare attention maps of the whole image. Give the {} prompt without an area.")
+NO_ENTRY = ("{} has no pass of the prompt: no entry of the {} conditioning is active there (a timestep range, "
+            "ConditioningSetTimestepRange, that leaves it out). P&D compares the prompt's maps at every step of its "
+            "windows: widen the range over the windows or move the windows.")
 NO_SAMPLER = ("the Pick-and-Draw Sampler's MODEL was sampled without its SAMPLER ({}) over steps of a guidance "
               "window: the appearance and layout terms would be ignored there and the image would be plain "
               "sampling. Wire both outputs of the Pick-and-Draw Sampler node into SamplerCustom or "
@@ -259,6 +271,8 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         raise ValueError("the Pick-and-Draw SAMPLER needs the MODEL from the same Pick-and-Draw Sampler node: wire that "
                          "node's MODEL output into the sampler node too.")
     runs.count += 1
+    if any("area" in entry for entry in loop.guider.conds.get("positive", [])):
+        raise ValueError(AREA.format("the positive conditioning", "sampler's"))
     schedule = [float(s) for s in sigmas]
     for term in terms:
         if not any(term.active(s) for s in schedule[:-1]):
@@ -299,6 +313,8 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         with grad_enabled(), store.live() as live:   # backward too: checkpointing recomputes with live capture
             xg = x.detach().clone().requires_grad_(True)
             loop.denoise(xg, sigma, "positive", model_options=options)
+            if any(key not in live.maps for t in active for key in t.layers):
+                raise ValueError(NO_ENTRY.format(f"the guided step at σ {s:.4g}", "sampler's positive"))
             losses = [t.loss(s, live, lambda key, b: empty.append((key, b))) if isinstance(t, AppearanceTerm)
                       else t.loss(s, live) for t in active]
             grads = [torch.autograd.grad(loss.sum(), xg, retain_graph=k < len(losses) - 1)[0] if loss.requires_grad

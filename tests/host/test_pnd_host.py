@@ -205,6 +205,67 @@ def test_palette_and_template_show_progress_and_honour_cancel(env, monkeypatch):
         assert seen == [], "stopped at the first step"
 
 
+def layout_term(env, positive, sigmas, latent):
+    with torch.inference_mode():
+        return env.pnd.LayoutGuidance.execute(env.model, env.clip, TEMPLATE, "dog", positive, env.encode(""), 7.5,
+                                              noise_object(), sigmas, latent, "cross", 0.0, 0.2, 1.0, 3, 0.5).args[0]
+
+
+def test_an_area_or_a_timestep_range_that_leaves_a_window_step_out_is_refused(env):
+    """An area prompt's pass runs on a crop of the latent (its maps cannot be compared with the whole image's: the
+    sampler crashed on a size mismatch, or ignored the area); a timestep range leaving out a window step gives that
+    step no pass of the prompt (the sampler and the template failed with a bare KeyError)."""
+    import nodes
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    area = nodes.ConditioningSetArea().append(env.encode(TEMPLATE), 64, 64, 0, 0, 1.0)[0]
+    late = nodes.ConditioningSetTimestepRange().set_range(env.encode(TEMPLATE), 0.15, 1.0)[0]
+    with pytest.raises(ValueError, match="'positive' has an area .*Give the template's prompt without an area"):
+        layout_term(env, area, sigmas, {"samples": latent})
+    with pytest.raises(ValueError, match="template's step 0 .* no entry of the 'positive' conditioning is active"):
+        layout_term(env, late, sigmas, {"samples": latent})
+    appearance, layout = terms(env, sigmas, latent)
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.3, True,
+                                                               appearance, layout).args
+    for positive, said in ((nodes.ConditioningSetArea().append(env.encode(PROMPT), 64, 64, 0, 0, 1.0)[0],
+                            "the positive conditioning has an area"),
+                           (nodes.ConditioningSetTimestepRange().set_range(env.encode(PROMPT), 0.15, 1.0)[0],
+                            "guided step at σ .* no entry of the sampler's positive conditioning is active")):
+        with pytest.raises(ValueError, match=said), torch.inference_mode():
+            noise = noise_object().generate_noise({"samples": latent})
+            comfy_sample(prepared, noise, sampler, sigmas, positive, env.encode(""), latent)
+
+
+def comfy_sample(model, noise, sampler, sigmas, positive, negative, latent):
+    import comfy.sample
+    return comfy.sample.sample_custom(model, noise, 7.5, sampler, sigmas, positive, negative, latent, seed=0,
+                                      disable_pbar=True)
+
+
+def test_the_template_keeps_the_generations_noise_mask(env):
+    """Inpainting: the template is the vanilla model's run under the latent's noise mask, as the host samples it (it
+    was the whole-image run, bit for bit)."""
+    import comfy.samplers
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1.0
+    masked = layout_term(env, env.encode(TEMPLATE), sigmas, {"samples": latent, "noise_mask": mask})
+    whole = layout_term(env, env.encode(TEMPLATE), sigmas, {"samples": latent})
+    with torch.inference_mode():
+        captured, store = env.pack("nodes.capture").AttentionCapture.execute(env.model, env.clip, TEMPLATE, "dog",
+                                                                           "cross", "all").args
+        guider = comfy.samplers.CFGGuider(captured)
+        guider.set_conds(env.encode(TEMPLATE), env.encode(""))
+        guider.set_cfg(7.5)
+        guider.sample(noise_object().generate_noise({"samples": latent}), latent, comfy.samplers.sampler_object("euler"),
+                      sigmas[:3], denoise_mask=mask, seed=0)
+    host = store.runs[-1]
+    for step, maps in enumerate(masked.maps):
+        for key, template in maps.items():
+            assert torch.equal(template, host.maps[(step, key, 0)][:, 0])
+    assert any(not torch.equal(a[k], b[k]) for a, b in zip(masked.maps, whole.maps) for k in a)
+
+
 def test_the_pick_and_draw_model_without_its_sampler_is_refused(env):
     """Its MODEL with a stock sampler would sample plainly, the terms ignored: refused before the run; a sampler
     of another pack that drives ours runs; one that does not is refused after its run."""
