@@ -123,8 +123,11 @@ class Tower:
 
 
 def towers(clip) -> list[Tower]:
+    """The text towers a learned token enters: those the CLIP both tokenizes for and encodes with (the SDXL
+    refiner's tokenizer also makes clip_l tokens, which its text model, clip_g only, never reads)."""
     found = [Tower(t.embedding_key.removeprefix("clip_"), t.embedding_key, t, t.embedding_size)
-             for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)]
+             for t in vars(clip.tokenizer).values() if isinstance(t, comfy.sd1_clip.SDTokenizer)
+             and hasattr(clip.cond_stage_model, t.embedding_key)]
     if not found:
         raise ValueError("this CLIP has no CLIP-style tokenizer (SD1.x / SDXL): PALP's learned token needs one.")
     return found

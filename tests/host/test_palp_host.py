@@ -652,6 +652,21 @@ def test_palp_trains_on_sdxl_and_writes_both_towers(host, mod, subject):
     assert curves.shape[-1] == 3 and torch.isfinite(curves).all()
 
 
+def test_palp_trains_on_an_sdxl_refiner_for_its_one_text_tower(host, mod, subject):
+    """The refiner's CLIP tokenizes for clip_l and clip_g but encodes with clip_g alone: the token is learned and
+    saved for clip_g only (it failed with "'SDXLRefinerClipModel' object has no attribute 'clip_l'")."""
+    import tiny_models
+    refiner = tiny_models.tiny_sdxl_refiner()
+    _, out_clip, curves = train(mod, refiner, subject, save_name="dog_refiner", steps=2, checkpoint_every=10)
+    vectors = load_file(str(host.embeddings_dir / "dog_refiner.safetensors"))
+    assert set(vectors) == {"clip_g"} and vectors["clip_g"].shape[-1] == 64 and torch.isfinite(vectors["clip_g"]).all()
+    assert torch.isfinite(curves).all()
+    with torch.inference_mode():
+        tokens = out_clip.tokenize("a photo of embedding:dog_refiner")
+    spliced = [t for t, _ in tokens["g"][0] if isinstance(t, torch.Tensor)]
+    assert len(spliced) == 1 and torch.equal(spliced[0].flatten(), vectors["clip_g"].flatten())
+
+
 def test_every_branch_runs_under_its_own_prompts_conditioning_on_sdxl(host, pack, mod, subject):
     """Issue 10: ε*(x_t, y_P), G^α(x̂_t, y_c), G^α(x̂_t, ∅), G^β(x̂_t, y_P), G^β(x̂_t, ∅) each see their own
     prompt's per-token context and SDXL ``y`` (pooled vector + size embeddings), as the host builds them for

@@ -88,6 +88,9 @@ SDXL_UNET = {
     "num_classes": "sequential",
     "adm_in_channels": SDXL_CLIP_G["hidden_size"] + 6 * 256,
 }
+# the SDXL refiner's layout: clip_g alone as the text context, its pooled output + 5 size/aesthetic embeddings
+SDXL_REFINER_UNET = {**SDXL_UNET, "context_dim": SDXL_CLIP_G["hidden_size"],
+                     "adm_in_channels": SDXL_CLIP_G["hidden_size"] + 5 * 256}
 _TINY_HEADS = {"num_heads": 2, "num_head_channels": -1}
 # the real SD1.5 UNet (860M parameters, 8 heads), for speed and memory measurements only
 SD15_UNET = {
@@ -139,6 +142,12 @@ class TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = _TINY_HEADS
 
 
+class TinySDXLRefiner(comfy.supported_models.SDXLRefiner):
+    """The SDXL refiner's conventions (clip_g only, aesthetic-score conditioning) for a tiny UNet."""
+
+    unet_extra_config = _TINY_HEADS
+
+
 class TinySD1Tokenizer(comfy.sd1_clip.SD1Tokenizer):
     """The real SD1 tokenizer, with embedding files checked against the tiny CLIP's width."""
 
@@ -169,6 +178,12 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _build("sdxl", seed, dtype)
 
 
+def tiny_sdxl_refiner(seed: int = 0):
+    """``(MODEL, CLIP, VAE)`` of a tiny SDXL-refiner-shaped model: its CLIP tokenizes for clip_l and clip_g (the
+    host's SDXLTokenizer) but encodes with clip_g only."""
+    return _build("sdxl_refiner", seed)
+
+
 @functools.cache
 def sd15_sized(dtype: torch.dtype = torch.float32, seed: int = 0):
     """``(MODEL, CLIP, VAE)`` the size of SD1.5 (the real UNet and CLIP-L shapes, random weights; TAESD).
@@ -190,6 +205,10 @@ def _build(kind: str, seed: int, dtype: torch.dtype = torch.float32):
         if kind == "sd1":
             model = _unet(comfy.model_base.BaseModel, TinySD15(SD1_UNET), gen, dtype)
             clip = _clip(TinySD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": SD1_CLIP_L}, gen)
+        elif kind == "sdxl_refiner":
+            model = _unet(comfy.model_base.SDXLRefiner, TinySDXLRefiner(SDXL_REFINER_UNET), gen, dtype)
+            clip = _clip(TinySDXLTokenizer, comfy.sdxl_clip.SDXLRefinerClipModel,
+                         {"clip_g_model_config": SDXL_CLIP_G}, gen)
         else:
             model = _unet(comfy.model_base.SDXL, TinySDXL(SDXL_UNET), gen, dtype)
             clip = _clip(
