@@ -2,7 +2,9 @@
 
 Conventions shared by every function here (host notes §2.5–2.6):
 
-- ``x = x0 + σ·ε = z·√(1+σ²)`` (EPS models), ``z`` the VP latent of the papers, ᾱ = 1/(1+σ²).
+- ``x = x0 + σ·ε = z·√(σ_d²+σ²)``, ``z`` the model's input (its ``calculate_input``); with the data's
+  σ_d = 1 (SD1.x, SDXL: ``sigma_data``) that is the VP latent of the papers, ᾱ = 1/(1+σ²). EDM models
+  may have another σ_d (Playground v2.5: 0.5).
 - ``denoise(x, sigma, cond) -> x0`` is a plain callable: the model's x0 prediction for one
   conditioning, ``sigma`` a 0-dim tensor (the caller's adapter broadcasts it to the batch).
 - ``sigmas`` is the *generation* schedule, decreasing, ending in 0 — the host's SIGMAS for the
@@ -36,14 +38,14 @@ def ddim_step(x, denoised, sigma, sigma_next):
     return denoised + (x - denoised) * (sigma_next / sigma)
 
 
-def ddim_invert(denoise, x0, sigmas, cond, on_step=None):
+def ddim_invert(denoise, x0, sigmas, cond, on_step=None, sigma_data=1.0):
     """Deterministic DDIM inversion (Mokady et al. §3, "DDIM inversion"): the pivots z*_T … z*_0.
 
     Walks the decreasing generation schedule backwards (no flipping by the caller). Each step from
     σ_lo = σ_{k+1} up to σ_hi = σ_k evaluates ε at σ_hi — the σ at which sampling will later take that
     step — on the current latent, as the reference notebook's ``next_step`` does (UNet input
-    z_lo with timestep t_hi); in σ-space that is ``denoise`` at σ_hi of x·√((1+σ_hi²)/(1+σ_lo²)),
-    the same VP latent at σ_hi's scale, and then x_hi = x + (σ_hi − σ_lo)·ε. This differs from the
+    z_lo with timestep t_hi); in σ-space that is ``denoise`` at σ_hi of x·√((σ_d²+σ_hi²)/(σ_d²+σ_lo²)),
+    the same model input at σ_hi's scale, and then x_hi = x + (σ_hi − σ_lo)·ε. This differs from the
     host's FlipSigmas + Euler, which evaluates at σ_lo (and at 1e-4 for the clean image): on the
     tests' toy model the reference convention halves the inversion–sampling round-trip error, and
     the model is only ever called at σ's of the generation schedule.
@@ -54,14 +56,14 @@ def ddim_invert(denoise, x0, sigmas, cond, on_step=None):
     total = len(sigmas) - 1
     with torch.no_grad():
         for done, k in enumerate(range(total - 1, -1, -1), start=1):
-            x = _invert_step(denoise, x, sigmas[k + 1], sigmas[k], cond)
+            x = _invert_step(denoise, x, sigmas[k + 1], sigmas[k], cond, sigma_data)
             xs.append(x)
             _report(on_step, done, total)
     return torch.stack(xs[::-1])
 
 
-def _invert_step(denoise, x, sigma_lo, sigma_hi, cond):
-    x_hi_scale = x * ((1 + sigma_hi ** 2) / (1 + sigma_lo ** 2)).sqrt()
+def _invert_step(denoise, x, sigma_lo, sigma_hi, cond, sigma_data=1.0):
+    x_hi_scale = x * ((sigma_data ** 2 + sigma_hi ** 2) / (sigma_data ** 2 + sigma_lo ** 2)).sqrt()
     eps = (x_hi_scale - denoise(x_hi_scale, sigma_hi, cond)) / sigma_hi
     return x + (sigma_hi - sigma_lo) * eps
 
@@ -74,7 +76,7 @@ class NullTextInversion(NamedTuple):
 
 
 def null_text_invert(denoise, trajectory, sigmas, cond, uncond_init, cfg=7.5, inner_steps=10, lr=1e-2,
-                     early_stop=1e-5, on_step=None):
+                     early_stop=1e-5, on_step=None, sigma_data=1.0):
     """Null-text inversion (Mokady et al. 2023, Alg. 1; methods.md §1.1) in σ-space.
 
     From the noisiest pivot down, step t optimises the null embedding ∅_t (Adam, ``inner_steps``
@@ -101,7 +103,7 @@ def null_text_invert(denoise, trajectory, sigmas, cond, uncond_init, cfg=7.5, in
     nulls, losses = [], []
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        target, vp_scale = _work(trajectory[i + 1]), 1 + sigma_next ** 2
+        target, vp_scale = _work(trajectory[i + 1]), sigma_data ** 2 + sigma_next ** 2
         with torch.no_grad():
             cond_x0 = denoise(x, sigma, cond)
 

@@ -16,14 +16,15 @@ LAYOUT_WINDOW = (0.0, 0.2)       # P&D Fig. 8: layout guidance on steps [0, 10) 
 APPEARANCE_WINDOW = (0.2, 0.4)   # appearance guidance on steps [10, 20) of 50
 
 
-def guided_update(x, grad, sigma, eta, normalise=True, weights=None):
+def guided_update(x, grad, sigma, eta, normalise=True, weights=None, sigma_data=1.0):
     """P&D Eq. 9–10, z ← z − η_g ∇_z ℓ with ℓ = Σ_k w_k ℓ_k, applied to the host's σ-space latent x (methods.md §1.5).
 
     ``grad`` is ∇_x ℓ_k of one term, or a sequence of them (one per active term) with ``weights`` w_k
     (α, β of Eq. 9; default 1 each).
 
-    Derivation: the sampler's x = z·s with s = √(1+σ²), so ∇_z ℓ = s·∇_x ℓ and Eq. 10 becomes
-    x ← s·(x/s − η s ∇_x ℓ) = x − η (1+σ²) Σ_k w_k ∇_x ℓ_k. That is ``normalise=False``, the paper's
+    Derivation: the sampler's x = z·s with s = √(σ_d²+σ²) (z the model's input; σ_d = ``sigma_data`` is 1 on
+    SD1.x/SDXL, where s = √(1+σ²)), so ∇_z ℓ = s·∇_x ℓ and Eq. 10 becomes
+    x ← s·(x/s − η s ∇_x ℓ) = x − η s² Σ_k w_k ∇_x ℓ_k. That is ``normalise=False``, the paper's
     exact form, where η carries the loss's scale.
 
     ``normalise=True`` (default) is the scale-free form, applied per term: each term's z-step is
@@ -31,7 +32,7 @@ def guided_update(x, grad, sigma, eta, normalise=True, weights=None):
     exactly η·w_k in RMS whatever its loss's magnitude, and α, β scale their terms' steps (normalising
     the weighted sum instead would cancel a lone term's weight). The RMS division cancels the
     chain-rule factor s, and mapping the step back to x brings one s, so
-    x ← x − η √(1+σ²) Σ_k w_k ∇_x ℓ_k / RMS(∇_x ℓ_k). Only each term's direction of Eq. 10 is kept; η is
+    x ← x − η s Σ_k w_k ∇_x ℓ_k / RMS(∇_x ℓ_k). Only each term's direction of Eq. 10 is kept; η is
     in units of the unit-variance latent z, comparable across steps and models.
 
     ``sigma`` and ``eta`` are scalars or per-item ``[B]``. An item whose gradient (of any term) is not
@@ -55,7 +56,7 @@ def guided_update(x, grad, sigma, eta, normalise=True, weights=None):
             rms = wide.square().flatten(1).mean(dim=1).sqrt().reshape(per_item).to(x.dtype)
             g = g / torch.where(rms > 0, rms, torch.ones_like(rms))
         step = step + w * g
-    scale = (1 + sigma ** 2).sqrt() if normalise else 1 + sigma ** 2
+    scale = (sigma_data ** 2 + sigma ** 2).sqrt() if normalise else sigma_data ** 2 + sigma ** 2
     return x - eta * scale * step, ~finite
 
 
@@ -128,7 +129,8 @@ class LayoutTerm(_Term):
                            self.kernel_size, self.smooth_sigma)
 
 
-def sample_guided(denoise, x, sigmas, guidance_grad, eta, normalise=True, callback=None, on_skip=None):
+def sample_guided(denoise, x, sigmas, guidance_grad, eta, normalise=True, callback=None, on_skip=None,
+                  sigma_data=1.0):
     """P&D guided sampling (Eq. 9–10) on Euler steps, Euler in σ being DDIM with η = 0.
 
     Each step first moves x by Eq. 10 when ``guidance_grad(x, σ)`` returns ``(gradients, weights)`` of
@@ -142,7 +144,7 @@ def sample_guided(denoise, x, sigmas, guidance_grad, eta, normalise=True, callba
         active = guidance_grad(x, sigma) if eta else None
         if active is not None:
             grads, weights = active
-            x, skipped = guided_update(x, grads, sigma, eta, normalise, weights)
+            x, skipped = guided_update(x, grads, sigma, eta, normalise, weights, sigma_data)
             if on_skip is not None and skipped.any():
                 on_skip(i, skipped)
         denoised = denoise(x, sigma)

@@ -347,10 +347,13 @@ def _invert_fn(mode, cfg, inner_steps, lr, early_stop, reconstruct):
         with grad_enabled(), readable_weights([loop.base_model.diffusion_model]), cast:
             # the schedule is an inference tensor, which autograd refuses to save for backward
             sigmas = sigmas.detach().clone()
-            trajectory = ddim_invert(denoise, x, sigmas, POSITIVE, on_step=lambda done, _: bar(done))
+            sigma_data = getattr(loop.base_model.model_sampling, "sigma_data", 1.0)   # EDM models may set it
+            trajectory = ddim_invert(denoise, x, sigmas, POSITIVE, on_step=lambda done, _: bar(done),
+                                     sigma_data=sigma_data)
             if mode == NULL_TEXT:
                 nti = null_text_invert(denoise, trajectory, sigmas, POSITIVE, loop.context("negative"), cfg,
-                                       inner_steps, lr, early_stop, on_step=lambda done, _: bar(n + done))
+                                       inner_steps, lr, early_stop, on_step=lambda done, _: bar(n + done),
+                                       sigma_data=sigma_data)
                 latent, nulls, losses = nti.latent, nti.null_embeddings, nti.losses
             elif reconstruct:
                 nulls = losses = None

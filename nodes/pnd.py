@@ -332,7 +332,8 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
 
     # the loop loads no other model: the UNet's weights are made readable once, not per gradient pass
     with readable_weights([loop.base_model.diffusion_model]):
-        return sample_guided(loop.cfg_denoise, x, sigmas, guidance_grad, eta, normalise, callback, on_skip)
+        return sample_guided(loop.cfg_denoise, x, sigmas, guidance_grad, eta, normalise, callback, on_skip,
+                             getattr(loop.base_model.model_sampling, "sigma_data", 1.0))
 
 
 class PickAndDrawSampler(io.ComfyNode):

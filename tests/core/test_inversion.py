@@ -97,6 +97,24 @@ def test_ddim_invert_matches_the_reference_next_step_in_vp_space():
     assert torch.equal(trajectory[-1], x0)
 
 
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_each_inversion_step_shows_the_model_its_last_input_at_the_next_sigma(sigma_data):
+    """The reference's next_step feeds the UNet z_lo with timestep t_hi: in σ-space the model's input, x/√(σ_d²+σ²)
+    (the host's calculate_input), at σ_hi equals the current latent's at σ_lo. With an EDM model's σ_d ≠ 1
+    (Playground v2.5: 0.5) the SD scaling √((1+σ_hi²)/(1+σ_lo²)) showed it another input."""
+    model, (cond, _) = GaussianDenoiser(), contexts()
+    sigmas, x0 = sd_sigmas(10), clean_latent().double()
+    seen = {}
+
+    def recording(x, sigma, c):
+        seen[float(sigma)] = x / (sigma_data ** 2 + sigma ** 2).sqrt()
+        return model(x, sigma, c)
+    trajectory = ddim_invert(recording, x0, sigmas, cond, sigma_data=sigma_data)
+    for k in range(10):
+        expected = trajectory[k + 1] / (sigma_data ** 2 + sigmas[k + 1] ** 2).sqrt()
+        assert torch.allclose(seen[float(sigmas[k])], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_ddim_inversion_then_sampling_reconstructs_to_first_order():
     model, (cond, _) = GaussianDenoiser(), contexts()
     x0 = clean_latent()

@@ -19,9 +19,10 @@ def grad_x(x):
     return torch.autograd.grad(toy_loss(x).sum(), x)[0]
 
 
-def vp_reference(x, sigma, eta, normalise):
-    """Eq. 10 where the paper states it: on z = x/√(1+σ²), with ∇_z, then mapped back to x."""
-    s = (1 + sigma ** 2).sqrt().reshape(-1, 1, 1, 1)
+def vp_reference(x, sigma, eta, normalise, sigma_data=1.0):
+    """Eq. 10 where the paper states it: on the model's input z = x/√(σ_d²+σ²) (the VP latent z = x/√(1+σ²) for
+    SD's σ_d = 1), with ∇_z, then mapped back to x."""
+    s = (sigma_data ** 2 + sigma ** 2).sqrt().reshape(-1, 1, 1, 1)
     z = (x / s).requires_grad_(True)
     grad_z = torch.autograd.grad(toy_loss(z * s).sum(), z)[0]
     if normalise:
@@ -34,10 +35,11 @@ def x():
     return torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])        # SD1.x/SDXL; an EDM model such as Playground v2.5
 @pytest.mark.parametrize("normalise", [False, True])
-def test_guided_update_equals_eq10_in_vp_space(x, normalise):
-    new, skipped = guided_update(x, grad_x(x), SIGMA, 0.05, normalise=normalise)
-    assert torch.allclose(new, vp_reference(x, SIGMA, 0.05, normalise), rtol=1e-12, atol=1e-12)
+def test_guided_update_equals_eq10_in_vp_space(x, normalise, sigma_data):
+    new, skipped = guided_update(x, grad_x(x), SIGMA, 0.05, normalise=normalise, sigma_data=sigma_data)
+    assert torch.allclose(new, vp_reference(x, SIGMA, 0.05, normalise, sigma_data), rtol=1e-12, atol=1e-12)
     assert not skipped.any()
 
 

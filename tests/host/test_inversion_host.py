@@ -216,6 +216,23 @@ def test_cancel_stops_the_run_and_leaves_no_file(host, mod, sd1, reference):
     assert not leftovers
 
 
+def test_ddim_inversion_holds_for_an_edm_model_with_another_sigma_data(mod, sd1, reference):
+    """ModelSamplingContinuousEDM 'edm' (σ_d = 0.5, Playground v2.5's) beside its σ_d = 1 'v_prediction': the
+    round trip (DDIM inversion, then DDIM sampling at CFG 1) is about as close. With the SD scaling of x between
+    σ's (σ_d = 1 assumed) the σ_d = 0.5 error was three times the control's (0.344 against 0.114)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+    model, clip, vae = sd1
+    errors = {}
+    for sampling in ("edm", "v_prediction"):
+        with torch.inference_mode():
+            patched = ModelSamplingContinuousEDM().patch(model, sampling, 80.0, 0.002)[0]
+            errors[sampling] = mod.NullTextInvert.execute(patched, clip, PROMPT, "ddim", STEPS, "ddim_uniform", 1.0,
+                                                          10, 1e-2, 1e-5, "", image=reference, vae=vae).args[3]
+    print(f"\nDDIM round trip at CFG 1: edm (σ_d 0.5) {errors['edm']:.4f}, v_prediction (σ_d 1) "
+          f"{errors['v_prediction']:.4f}")
+    assert errors["edm"] < 1.5 * errors["v_prediction"]
+
+
 def test_sdxl_inverts_too(host, mod, reference):
     """SDXL (two text towers, pooled and size conditioning) goes through the same path."""
     import tiny_models
