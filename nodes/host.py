@@ -65,7 +65,8 @@ def _refusal(where: str, reason: str) -> ValueError:
     return ValueError(
         f"{where}: the prompt typed here is not the text of the positive CONDITIONING ({reason}). The words are "
         "located in this text, so they would watch the wrong tokens: give the same text (and the same CLIP) "
-        "as the CLIPTextEncode of the positive prompt, e.g. through one primitive/text node wired to both.")
+        "as the CLIPTextEncode of the positive prompt, e.g. through one primitive/text node wired to both. With "
+        "CLIPTextEncodeSDXL, give text_g and text_l both this text.")
 
 
 def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
@@ -172,8 +173,10 @@ def prompt_word_positions(clip, prompt: str, words: list[str]) -> tuple[list[tup
         found[key] = (word_positions(tokens, words), len(tokens))
     results = list(found.values())
     if any(r != results[0] for r in results):
-        raise ValueError(f"the text encoders ({', '.join(found)}) place the words at different tokens; "
-                         "simplify the prompt around the watched words.")
+        raise ValueError(f"the text encoders ({', '.join(found)}) place the words at different tokens: an "
+                         "embedding file holding different vector counts for them (use one made for this model, "
+                         "e.g. PALP Trainer's), or a prompt they split differently (simplify it around the "
+                         "watched words).")
     return results[0]
 
 

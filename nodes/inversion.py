@@ -465,7 +465,8 @@ class NullTextInvert(io.ComfyNode):
         else:
             samples = latent["samples"]
         if samples.shape[0] != 1:
-            raise ValueError(f"invert one reference at a time: the {source} holds a batch of {samples.shape[0]}.")
+            raise ValueError(f"invert one image at a time: the {source} holds a batch of {samples.shape[0]} (pick "
+                             "one with LatentFromBatch / ImageFromBatch).")
         cond, cond_pooled = host.encode_text(clip, prompt)
         uncond, uncond_pooled = host.encode_text(clip, "")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)

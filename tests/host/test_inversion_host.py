@@ -254,7 +254,7 @@ def test_bad_inputs_give_messages(mod, sd1, reference):
         invert(mod, model, clip, image=reference)
     with pytest.raises(ValueError, match="steps must be at least 2, got 1"):
         invert(mod, model, clip, latent=latent, steps=1)
-    with pytest.raises(ValueError, match="invert one reference at a time: the IMAGE holds a batch of 2"):
+    with pytest.raises(ValueError, match="invert one image at a time: the IMAGE holds a batch of 2 .pick one with LatentFromBatch"):
         invert(mod, model, clip, vae, image=reference.repeat(2, 1, 1, 1))
     with pytest.raises(ValueError, match="save_name '../x' is not a plain file name"):
         invert(mod, model, clip, latent=latent, save_name="../x")

@@ -102,3 +102,26 @@ def test_a_captured_model_still_inverts_a_reference_with_its_own_prompt(env):
         inversion = env.inv.NullTextInvert.execute(captured, env.clip, "a photo of a cat", "null-text", 3, "ddim_uniform",
                                                    7.5, 2, 1e-2, 1e-5, "", latent=latent).args[0]
     assert torch.isfinite(inversion.null_embeddings).all()
+
+
+def test_an_sdxl_encoding_with_another_text_l_is_refused_saying_so(env):
+    """CLIPTextEncodeSDXL with text_g the prompt and another text_l encodes another text: the refusal says to give
+    both the same text (it spoke only of CLIPTextEncode); with text_g = text_l the capture samples."""
+    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+    model, clip, _ = env.tiny.tiny_sdxl()
+
+    def encode(text_g, text_l):
+        with torch.inference_mode():
+            return CLIPTextEncodeSDXL.execute(clip, 1024, 1024, 0, 0, 1024, 1024, text_g, text_l).args[0]
+    with torch.inference_mode():
+        captured, store = env.cap.AttentionCapture.execute(model, clip, PROMPT, "dog", "cross", "all", "").args
+
+    def sample_xl(positive):
+        import comfy.sample
+        noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            return comfy.sample.sample(captured, noise, 2, 7.5, "euler", "normal", positive, encode("", ""),
+                                       torch.zeros_like(noise), disable_pbar=True)
+    assert store.run_for(sample_xl(encode(PROMPT, PROMPT))).steps == [0, 1]
+    with pytest.raises(ValueError, match=f"{REFUSED} .*With CLIPTextEncodeSDXL, give text_g and text_l both this text"):
+        sample_xl(encode(PROMPT, "a photo"))
