@@ -86,7 +86,7 @@ def null_text_invert(denoise, trajectory, sigmas, cond, uncond_init, cfg=7.5, in
     computed once per step without gradient; gradient reaches nothing but ∅_t (``autograd.grad``, so
     no ``.grad`` accumulates on model weights).
 
-    Reference-code details kept: the loss is the MSE in the VP latent z (σ-space MSE / (1+σ_next²)),
+    Reference-code details kept: the loss is the MSE in the VP latent z (σ-space MSE / (σ_d²+σ_next²)),
     which is what the reference's thresholds are measured in; step i's learning rate and early-stop
     threshold are the reference's literally, for any step count (:func:`nti_schedule`). The Adam
     moments restart every step, as in the reference.

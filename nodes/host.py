@@ -83,26 +83,36 @@ def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
             raise _refusal(where, reason)
 
 
+def crops(entry: dict, size) -> bool:
+    """Whether the host runs a processed cond entry on a crop of a latent of ``size`` (…, h, w): an area smaller
+    than the latent (Conditioning Set Area, a mask's bounds, or the copy the host makes of a negative's area)."""
+    area = entry.get("area")
+    dims = 0 if area is None else len(area) // 2
+    return area is not None and tuple(area[:dims]) != tuple(size[-dims:])
+
+
 def check_sampler_prompt(model, clip, prompt: str, where: str):
     """A clone of ``model`` whose sampler's CFG prediction refuses a positive conditioning other than ``prompt``.
 
     For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw
     sampler): a PREDICT_NOISE wrapper sees the guider and its positive conds. It checks at the sampler's
     predictions — the passes that are recorded or guided — so this pack's own loops that only call
-    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused.
+    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused. Entries run on a
+    crop of the latent are neither recorded nor guided, and not checked (the host's copy of a negative's area
+    holds the negative's text).
     """
     expected, _ = encode_text(clip, prompt)
     verified = []            # the positive cond tensors of the run in progress, once they have passed
 
-    def wrapper(executor, *args, **kwargs):
+    def wrapper(executor, x, *args, **kwargs):
         conds = [c["cross_attn"] for c in getattr(executor.class_obj, "conds", {}).get("positive", [])
-                 if "cross_attn" in c]
+                 if "cross_attn" in c and not crops(c, x.shape)]
         if len(conds) != len(verified) or any(a is not b for a, b in zip(conds, verified)):
             for cond in conds:
                 if reason := _mismatch(expected, cond):
                     raise _refusal(where, reason)
             verified[:] = conds
-        return executor(*args, **kwargs)
+        return executor(x, *args, **kwargs)
 
     patched = model.clone()
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, f"{WRAPPER_KEY}_prompt", wrapper)
@@ -223,7 +233,8 @@ def _sampler_pass_wrapper(store: AttentionStore, guider: dict):
         try:
             return executor(x, timestep, options, seed)
         finally:
-            store.sampler_pass = False
+            store.sampler_pass, store.branches = False, None
+            guider.clear()          # the run's conds (tensors, ControlNets) are not kept past the pass
     return wrapper
 
 

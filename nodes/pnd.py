@@ -193,8 +193,6 @@ class LayoutGuidance(io.ComfyNode):
         sigma_start, sigma_end = _sigma_window(model, start, end)
         schedule = [float(s) for s in sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
-        if any("area" in extras for _, extras in positive):
-            raise ValueError(AREA.format("'positive'", "template's"))
         store = AttentionStore([word], positions, prompt_len, chosen, offload_device=host.offload_device(model))
         guider = comfy.samplers.CFGGuider(host.install_capture(host.without_capture(model), store, chosen, []))
         guider.set_conds(positive, negative)
@@ -216,11 +214,10 @@ class LayoutGuidance(io.ComfyNode):
         return io.NodeOutput(term)
 
 
-AREA = ("{} has an area (Conditioning Set Area): the host runs that prompt on a crop of the latent, and P&D's "
-        "terms compare attention maps of the whole image. Give the {} prompt without an area.")
-NO_ENTRY = ("{} has no pass of the prompt: no entry of the {} conditioning is active there (a timestep range, "
-            "ConditioningSetTimestepRange, that leaves it out). P&D compares the prompt's maps at every step of its "
-            "windows: widen the range over the windows or move the windows.")
+NO_ENTRY = ("{} has no pass of the prompt over the whole latent: no entry of the {} conditioning runs there. An "
+            "area or a mask's bounds (Conditioning Set Area / Set Mask) runs on a crop of the latent, and a timestep "
+            "range (ConditioningSetTimestepRange) may leave the step out; P&D compares whole-image attention maps at "
+            "every step of its windows: give the prompt an entry without an area, active over the windows.")
 NO_SAMPLER = ("the Pick-and-Draw Sampler's MODEL was sampled without its SAMPLER ({}) over steps of a guidance "
               "window: the appearance and layout terms would be ignored there and the image would be plain "
               "sampling. Wire both outputs of the Pick-and-Draw Sampler node into SamplerCustom or "
@@ -271,8 +268,10 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
         raise ValueError("the Pick-and-Draw SAMPLER needs the MODEL from the same Pick-and-Draw Sampler node: wire that "
                          "node's MODEL output into the sampler node too.")
     runs.count += 1
-    if any("area" in entry for entry in loop.guider.conds.get("positive", [])):
-        raise ValueError(AREA.format("the positive conditioning", "sampler's"))
+    # the guidance pass runs the entries over the whole latent (the sampler's CFG pass runs them all)
+    whole = [entry for entry in loop.guider.conds.get("positive", []) if not host.crops(entry, x.shape)]
+    if not whole:
+        raise ValueError(NO_ENTRY.format("this run", "sampler's positive"))
     schedule = [float(s) for s in sigmas]
     for term in terms:
         if not any(term.active(s) for s in schedule[:-1]):
@@ -312,7 +311,7 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
             options = {**options, "transformer_options": {**options.get("transformer_options", {}), STOP_AFTER_KEY: last}}
         with grad_enabled(), store.live() as live:   # backward too: checkpointing recomputes with live capture
             xg = x.detach().clone().requires_grad_(True)
-            loop.denoise(xg, sigma, "positive", model_options=options)
+            loop.denoise(xg, sigma, "positive", model_options=options, entries=whole)
             if any(key not in live.maps for t in active for key in t.layers):
                 raise ValueError(NO_ENTRY.format(f"the guided step at σ {s:.4g}", "sampler's positive"))
             losses = [t.loss(s, live, lambda key, b: empty.append((key, b))) if isinstance(t, AppearanceTerm)

@@ -442,9 +442,10 @@ class Loop:
         """The CFG-combined x0 prediction, exactly as the host's samplers call the model."""
         return self.model_k(x, sigma * x.new_ones([x.shape[0]]), **self.extra_args)
 
-    def denoise(self, x, sigma, branch="positive", context=None, model_options=None, pooled=None):
-        """One branch's x0 prediction; ``context`` (and ``pooled``) replace its prompt's embeddings."""
-        conds = self.guider.conds[branch]
+    def denoise(self, x, sigma, branch="positive", context=None, model_options=None, pooled=None, entries=None):
+        """One branch's x0 prediction (of its processed ``entries``, default all); ``context`` (and ``pooled``)
+        replace its prompt's embeddings."""
+        conds = self.guider.conds[branch] if entries is None else entries
         if context is not None:
             conds = [_with_context(self.base_model, c, x, branch, context, pooled) for c in conds]
         sigma_vec = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(1).expand(x.shape[0])

@@ -143,6 +143,17 @@ def test_null_text_inversion_beats_plain_ddim_inversion_at_cfg():
     assert model.a.grad is None                                # only ∅_t was differentiated
 
 
+def test_null_text_losses_are_in_the_models_input_scale():
+    """The loss (the reference's early-stop measure) is the MSE of the model's input x/√(σ_d²+σ²): with lr 0 the
+    steps are the same, so each loss times σ_d²+σ_next² is the same σ-space MSE for σ_d = 1 and 0.5."""
+    model, (cond, uncond) = GaussianDenoiser(), contexts()
+    sigmas, x0 = sd_sigmas(5), clean_latent().double()
+    trajectory = ddim_invert(model, x0, sigmas, cond)
+    mse = [null_text_invert(model, trajectory, sigmas, cond, uncond, lr=0.0, sigma_data=d).losses
+           * (d ** 2 + sigmas[1:] ** 2) for d in (1.0, 0.5)]
+    assert torch.allclose(mse[0], mse[1], rtol=1e-12) and (mse[0] > 0).all()
+
+
 def test_replay_of_stored_embeddings_reproduces_nti_exactly():
     model, (cond, uncond) = GaussianDenoiser(), contexts()
     sigmas, x0 = sd_sigmas(8), clean_latent()

@@ -261,24 +261,26 @@ def test_runs_are_kept_apart_and_an_interrupted_run_leaves_nothing(sd1, pack):
         read(pack, store, torch.zeros_like(third))
 
 
-@pytest.mark.parametrize("entries", ["full + area", "area only"])
+@pytest.mark.parametrize("entries", ["full + area", "area only", "negative area"])
 def test_an_area_conds_passes_on_a_crop_are_not_filed(sd1, pack, entries):
     """The host runs an area cond's (Conditioning Set Area) pass on a crop of the latent, whose maps are smaller:
     filed beside the whole latent's, they broke the sampler at the end of its run ("stack expects each tensor to
     be equal size"). Only passes over the whole latent are recorded; with no such cond pass, Attention Maps says
-    the branch holds nothing."""
+    the branch holds nothing. A negative's area, which the host copies into the positive with the negative's
+    text, is not taken for another positive prompt (the capture refused the run)."""
     model, clip, _ = sd1
     pos, neg = conds(clip, PROMPT)
-    area = [[pos[0][0], {**pos[0][1], "area": (8, 8, 0, 0), "strength": 1.0, "set_area_to_bounds": False}]]
-    positive = pos + area if entries == "full + area" else area
+    with_area = lambda c: [[c[0][0], {**c[0][1], "area": (8, 8, 0, 0), "strength": 1.0, "set_area_to_bounds": False}]]
+    positive = {"full + area": pos + with_area(pos), "area only": with_area(pos), "negative area": pos}[entries]
+    negative = with_area(neg) if entries == "negative area" else neg
     captured, store = capture(pack, model, clip)
-    out = sample(captured, positive, neg)
+    out = sample(captured, positive, negative)
     run = store.run_for(out)
     scale = {layer.key: layer.scale for layer in store.layers}
     assert run.maps and all(m.shape[-2:] == (16 // scale[k[1]],) * 2 for k, m in run.maps.items())
-    if entries == "full + area":
+    if entries != "area only":
         read(pack, store, out)
-        assert {k[2] for k in run.maps} == {0, 1}
+        assert {k[2] for k in run.maps} == ({0, 1} if entries == "full + area" else {0})
     else:
         assert {k[2] for k in run.maps} == {1}
         with pytest.raises(ValueError, match="cond"):

@@ -214,26 +214,56 @@ def layout_term(env, positive, sigmas, latent):
 def test_an_area_or_a_timestep_range_that_leaves_a_window_step_out_is_refused(env):
     """An area prompt's pass runs on a crop of the latent (its maps cannot be compared with the whole image's: the
     sampler crashed on a size mismatch, or ignored the area); a timestep range leaving out a window step gives that
-    step no pass of the prompt (the sampler and the template failed with a bare KeyError)."""
+    step no pass of the prompt (the sampler and the template failed with a bare KeyError). A negative's area (the
+    host copies it into the positive, with the negative's text) and an area over the whole latent are not refused
+    (the sampler and the capture's prompt check refused them, blaming the positive prompt)."""
     import nodes
     sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
-    area = nodes.ConditioningSetArea().append(env.encode(TEMPLATE), 64, 64, 0, 0, 1.0)[0]
-    late = nodes.ConditioningSetTimestepRange().set_range(env.encode(TEMPLATE), 0.15, 1.0)[0]
-    with pytest.raises(ValueError, match="'positive' has an area .*Give the template's prompt without an area"):
-        layout_term(env, area, sigmas, {"samples": latent})
-    with pytest.raises(ValueError, match="template's step 0 .* no entry of the 'positive' conditioning is active"):
-        layout_term(env, late, sigmas, {"samples": latent})
+    area = lambda text, side: nodes.ConditioningSetArea().append(env.encode(text), side, side, 0, 0, 1.0)[0]
+    late = lambda text: nodes.ConditioningSetTimestepRange().set_range(env.encode(text), 0.15, 1.0)[0]
+    for positive in (area(TEMPLATE, 64), late(TEMPLATE)):
+        with pytest.raises(ValueError, match="template's step 0 .* has no pass of the prompt over the whole latent"):
+            layout_term(env, positive, sigmas, {"samples": latent})
     appearance, layout = terms(env, sigmas, latent)
     with torch.inference_mode():
         prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.3, True,
                                                                appearance, layout).args
-    for positive, said in ((nodes.ConditioningSetArea().append(env.encode(PROMPT), 64, 64, 0, 0, 1.0)[0],
-                            "the positive conditioning has an area"),
-                           (nodes.ConditioningSetTimestepRange().set_range(env.encode(PROMPT), 0.15, 1.0)[0],
-                            "guided step at σ .* no entry of the sampler's positive conditioning is active")):
+        noise = noise_object().generate_noise({"samples": latent})
+    for positive, said in ((area(PROMPT, 64), "this run has no pass of the prompt over the whole latent"),
+                           (late(PROMPT), "guided step at σ .* has no pass of the prompt over the whole latent")):
         with pytest.raises(ValueError, match=said), torch.inference_mode():
-            noise = noise_object().generate_noise({"samples": latent})
             comfy_sample(prepared, noise, sampler, sigmas, positive, env.encode(""), latent)
+    with torch.inference_mode():
+        plain = comfy_sample(prepared, noise, sampler, sigmas, env.encode(PROMPT), env.encode(""), latent)
+        whole = comfy_sample(prepared, noise, sampler, sigmas, area(PROMPT, 128), env.encode(""), latent)
+        negative_area = comfy_sample(prepared, noise, sampler, sigmas, env.encode(PROMPT), area("", 64), latent)
+    assert torch.equal(whole, plain)
+    assert torch.isfinite(negative_area).all() and (negative_area - plain).abs().max() > 1e-3
+
+
+def test_the_guided_step_uses_the_models_data_sigma(env, monkeypatch):
+    """On an EDM model with σ_d 0.5 (Playground v2.5's; ModelSamplingContinuousEDM 'edm') the guided step scales
+    by √(σ_d²+σ²), the model's own input scale (guided_update's core tests check the formula)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+    guidance = env.pack("guidance.pnd")
+    seen, original = [], guidance.guided_update
+
+    def recording(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("sigma_data"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(guidance, "guided_update", recording)
+    with torch.inference_mode():
+        edm = ModelSamplingContinuousEDM().patch(env.model, "edm", 80.0, 0.002)[0]
+    sigmas, latent = schedule(edm), torch.zeros(1, 4, 16, 16)
+    with torch.inference_mode():
+        layout = env.pnd.LayoutGuidance.execute(edm, env.clip, TEMPLATE, "dog", env.encode(TEMPLATE), env.encode(""),
+                                                7.5, noise_object(), sigmas, {"samples": latent}, "cross", 0.0, 0.2,
+                                                1.0, 3, 0.5).args[0]
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(edm, env.clip, PROMPT, "dog", 0.3, True, None,
+                                                               layout).args
+        out = comfy_sample(prepared, noise_object().generate_noise({"samples": latent}), sampler, sigmas,
+                           env.encode(PROMPT), env.encode(""), latent)
+    assert seen and set(seen) == {0.5} and torch.isfinite(out).all()
 
 
 def comfy_sample(model, noise, sampler, sigmas, positive, negative, latent):
