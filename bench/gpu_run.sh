@@ -33,5 +33,5 @@ workflows() {   # the shipped workflows (tiny models) in the host's executor on 
 
 # arguments: the steps to run, e.g. workflows "bench pnd palp"; none: all, most wanted first
 if (( $# )); then for step in "$@"; do $step; done
-else bench pnd palp lnr; workflows; bench nti capture; fi
+else bench pnd palp lnr; workflows; bench nti capture checkpointing; fi
 echo "gpu_run.sh: $(( SECONDS - START )) s"

@@ -43,6 +43,7 @@ def jobs(args) -> list[tuple[str, list[str]]]:
         ("lnr", ["bench_lnr.py", *dev, "--steps", "50", *rep(3)]),
         ("palp", ["bench_palp.py", *dev, "--measure", "time", *rep(3)]),                     # 64 px
         ("palp", ["bench_palp.py", *dev, "--measure", "memory", "--res", "256"]),            # deterministic
+        ("checkpointing", ["bench_checkpointing.py", *dev, "--res", "128", "--keep", "0.5", "1", "2", *rep(3)]),
     ]
     if args.tiny is False:
         tiny = []
@@ -61,6 +62,8 @@ def jobs(args) -> list[tuple[str, list[str]]]:
                       "--measure", "time", "memory", *rep(2)]),
             ("lnr", ["bench_lnr.py", *dev, "--size", "sd15", "--steps", "50", "--res", "512", *rep(2)]),
             ("capture", ["bench_capture.py", *dev, "--size", "sd15", "--steps", "20", "--res", "512", *rep(2)]),
+            ("checkpointing", ["bench_checkpointing.py", *dev, "--size", "sd15", "--res", "512", "--keep", "0.5", "1",
+                               "2", *rep(3)]),
         ]
     else:
         # on the CPU only what finishes in minutes: memory counts (deterministic) and the capture ratio
@@ -141,7 +144,7 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--sd15", action="store_true", help="also the SD1.5-size figures (random weights)")
     ap.add_argument("--no-tiny", dest="tiny", action="store_false", help="skip the tiny-model figures")
-    ap.add_argument("--only", nargs="+", choices=["capture", "nti", "pnd", "lnr", "palp"],
+    ap.add_argument("--only", nargs="+", choices=["capture", "nti", "pnd", "lnr", "palp", "checkpointing"],
                     help="run only these benchmarks")
     ap.add_argument("--repeats", type=int, help="repeats of every benchmark (default: each one's own)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each benchmark process")
