@@ -229,13 +229,17 @@ class AttentionStore:
 
     def put(self, table: str, layer_key, values: torch.Tensor, extra_options: dict):
         """File one layer's maps or features of this forward pass (call only when ``active``)."""
+        indices = extra_options["cond_or_uncond"]
         if self._live is not None:
-            # the forward's tensors stay: gradient checkpointing recomputes each block in backward, patches
-            # included, and a recomputed map filed here would hold that recomputation's graph alive
+            # one branch's several entries (the prompt combined with itself, or masked over the whole image) are
+            # averaged, as a recorded pass files them; the forward's tensors stay: gradient checkpointing recomputes
+            # each block in backward, patches included, and a recomputed map filed here would hold that
+            # recomputation's graph alive
+            if len(indices) > 1 and len(set(indices)) == 1:
+                values = sum(values.chunk(len(indices))) / len(indices)
             getattr(self._live, table).setdefault(layer_key, values)
             return
         step = self._step(extra_options["sigmas"])
-        indices = extra_options["cond_or_uncond"]
         recorded = getattr(self._run, table)
         for chunk, index in zip(values.detach().chunk(len(indices)), indices):
             branch = index if self.branches is None else self.branches.get(index)

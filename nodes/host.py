@@ -1,6 +1,8 @@
 """Adapters between the host's objects (MODEL, CLIP, sampler wrappers) and the plain-torch core."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import comfy.patcher_extension
@@ -61,6 +63,11 @@ def _mismatch(expected: torch.Tensor, encoded: torch.Tensor) -> str | None:
     return None
 
 
+# why an entry over the whole image is checked, for a user who meant a regional prompt
+REGIONAL = ("; a prompt for a region of the image is not checked when it runs on a crop: Conditioning Set Area, or "
+            "Conditioning Set Mask with set_cond_area 'mask bounds' ('default' runs it over the whole image)")
+
+
 def _refusal(where: str, reason: str) -> ValueError:
     return ValueError(
         f"{where}: the prompt typed here is not the text of the positive CONDITIONING ({reason}). The words are "
@@ -84,34 +91,48 @@ def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
 
 
 def crops(entry: dict, size) -> bool:
-    """Whether the host runs a processed cond entry on a crop of a latent of ``size`` (…, h, w): an area smaller
-    than the latent (Conditioning Set Area, a mask's bounds, or the copy the host makes of a negative's area)."""
+    """Whether the host runs a processed cond entry on a crop of a latent of ``size`` (B, C, *spatial): as
+    ``get_area_and_mult`` narrows it, an offset or a size (clamped to the latent) short of the latent's. An area
+    covering the latent, or larger than it, runs on the whole latent."""
     area = entry.get("area")
-    dims = 0 if area is None else len(area) // 2
-    return area is not None and tuple(area[:dims]) != tuple(size[-dims:])
+    if area is None:
+        return False
+    spatial, n = tuple(size[2:]), len(area) // 2
+    sizes, offsets = list(area[:n]), list(area[n:])
+    sizes[:0], offsets[:0] = [2 ** 31] * (len(spatial) - n), [0] * (len(spatial) - n)  # the host's add_area_dims
+    return any(off != 0 or min(dim - off, extent) < dim for dim, extent, off in zip(spatial, sizes, offsets))
+
+
+def prompt_entries(guider, size) -> list:
+    """A guider's processed positive entries that run the prompt over the whole latent of ``size``: not those run on a
+    crop (:func:`crops`: Conditioning Set Area, a mask's bounds), nor the copy of a negative's area entry the host
+    adds to the positive (``create_cond_with_same_area_if_none``: the negative's text, a tensor of no positive
+    CONDITIONING the guider was given; the positive's own area entry has its copy in the negative too)."""
+    own = {id(entry.get("cross_attn")) for entry in getattr(guider, "original_conds", {}).get("positive", [])}
+    return [entry for entry in getattr(guider, "conds", {}).get("positive", []) if not crops(entry, size)
+            and not (own and "area" in entry and id(entry.get("cross_attn")) not in own)]
 
 
 def check_sampler_prompt(model, clip, prompt: str, where: str):
     """A clone of ``model`` whose sampler's CFG prediction refuses a positive conditioning other than ``prompt``.
 
-    For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw
-    sampler): a PREDICT_NOISE wrapper sees the guider and its positive conds. It checks at the sampler's
+    For nodes that have the prompt but not the CONDITIONING (AttentionCapture, the Pick-and-Draw nodes): a
+    PREDICT_NOISE wrapper sees the guider and its positive conds. It checks at the sampler's
     predictions — the passes that are recorded or guided — so this pack's own loops that only call
-    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused. Entries run on a
-    crop of the latent are neither recorded nor guided, and not checked (the host's copy of a negative's area
-    holds the negative's text).
+    ``calc_cond_batch`` with their own prompt (an inversion given this MODEL) are not refused. Only the
+    :func:`prompt_entries` are checked: a regional prompt (an area, a mask's bounds) runs on a crop, neither
+    recorded nor guided.
     """
     expected, _ = encode_text(clip, prompt)
-    verified = []            # the positive cond tensors of the run in progress, once they have passed
+    verified = []            # weak references to the positive cond tensors of the run in progress, once they passed
 
     def wrapper(executor, x, *args, **kwargs):
-        conds = [c["cross_attn"] for c in getattr(executor.class_obj, "conds", {}).get("positive", [])
-                 if "cross_attn" in c and not crops(c, x.shape)]
-        if len(conds) != len(verified) or any(a is not b for a, b in zip(conds, verified)):
+        conds = [c["cross_attn"] for c in prompt_entries(executor.class_obj, x.shape) if "cross_attn" in c]
+        if len(conds) != len(verified) or any(ref() is not c for ref, c in zip(verified, conds)):
             for cond in conds:
                 if reason := _mismatch(expected, cond):
-                    raise _refusal(where, reason)
-            verified[:] = conds
+                    raise _refusal(where, reason + REGIONAL)
+            verified[:] = [weakref.ref(c) for c in conds]
         return executor(x, *args, **kwargs)
 
     patched = model.clone()

@@ -191,12 +191,13 @@ class LayoutGuidance(io.ComfyNode):
             raise ValueError(f"kernel_size must be odd (the kernel centred on each cell), got {kernel_size}.")
         chosen = select_layers(host.unet_layers(model), layers, kind="cross")
         positions, prompt_len = host.prompt_word_positions(clip, prompt, [word])
-        host.require_encoded(clip, prompt, positive, "Layout Guidance")
         sigma_start, sigma_end = _sigma_window(model, start, end)
         schedule = [float(s) for s in sigmas]
         steps = _window_steps(schedule, sigma_start, sigma_end, "layout")
         store = AttentionStore([word], positions, prompt_len, chosen, offload_device=host.offload_device(model))
-        guider = comfy.samplers.CFGGuider(host.install_capture(host.without_capture(model), store, chosen, []))
+        # the prompt is checked on the entries the template records (host.prompt_entries), as in the sampler
+        checked = host.check_sampler_prompt(host.without_capture(model), clip, prompt, "Layout Guidance")
+        guider = comfy.samplers.CFGGuider(host.install_capture(checked, store, chosen, []))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -271,7 +272,7 @@ def sample_pick_and_draw(model, x, sigmas, extra_args=None, callback=None, disab
                          "node's MODEL output into the sampler node too.")
     runs.count += 1
     # the guidance pass runs the entries over the whole latent (the sampler's CFG pass runs them all)
-    whole = [entry for entry in loop.guider.conds.get("positive", []) if not host.crops(entry, x.shape)]
+    whole = host.prompt_entries(loop.guider, x.shape)
     if not whole:
         raise ValueError(NO_ENTRY.format("this run", "sampler's positive"))
     schedule = [float(s) for s in sigmas]

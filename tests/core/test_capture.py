@@ -117,6 +117,22 @@ def test_live_maps_carry_gradient_equal_to_the_reference():
     assert store.runs == [] and not store.is_live
 
 
+def test_a_live_pass_of_one_branchs_entries_averages_them_as_a_recorded_pass_does():
+    """The prompt combined with itself (or masked over the whole image) runs as two entries of one branch: the live
+    maps are their mean, batch 1, as recording files them (they were batch 2, and a batch-1 template crashed the
+    loss); a cond/uncond batch stays as it is."""
+    store = make_store()
+    patch = cross_attention_patch(LAYER, store, sdpa)
+    q, k, v = qkv(2)
+    with store.live() as cap:
+        patch(q, k, v, options(7.0, (0, 0)))
+    expected = reference_maps(q, k, [[2], [4, 5]]).mean(0, keepdim=True)
+    torch.testing.assert_close(cap.maps[LAYER.key].double(), expected, atol=2e-3, rtol=0)
+    with store.live() as cap:
+        patch(q, k, v, options(7.0, (1, 0)))
+    assert cap.maps[LAYER.key].shape[0] == 2
+
+
 def test_previous_replace_is_chained_not_clobbered():
     calls = []
     def previous(q, k, v, extra):

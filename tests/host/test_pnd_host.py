@@ -241,6 +241,44 @@ def test_an_area_or_a_timestep_range_that_leaves_a_window_step_out_is_refused(en
     assert torch.isfinite(negative_area).all() and (negative_area - plain).abs().max() > 1e-3
 
 
+def test_regional_prompts_take_part_in_cfg_and_the_terms_read_the_prompt_over_the_whole_image(env):
+    """A prompt for a region (an area, also one the host clamps from an offset, or a mask's bounds) runs on a crop: it
+    takes part in CFG, unchecked, in the template and the sampler (Layout Guidance refused it as the wrong prompt;
+    an offset area as wide as the latent was taken as whole, refused or crashing in the loss). An area larger than
+    the latent runs whole (it was refused). The prompt twice (Conditioning Combine), or masked over the whole image,
+    guides as the prompt once (batch 2 maps crashed; the guided step doubled). A negative's area over the whole
+    latent, which the host copies into the positive, is not taken for the prompt; a mask without 'mask bounds'
+    with another text is refused, the message naming 'mask bounds'."""
+    import nodes
+    sigmas, latent = schedule(env.model), torch.zeros(1, 4, 16, 16)
+    area = lambda text, side, x=0: nodes.ConditioningSetArea().append(env.encode(text), side, side, x, 0, 1.0)[0]
+    right = torch.zeros(1, 128, 128)
+    right[:, :, 64:] = 1.0
+    masked = lambda text, how: nodes.ConditioningSetMask().append(env.encode(text), right, how, 1.0)[0]
+    template = layout_term(env, env.encode(TEMPLATE), sigmas, {"samples": latent})
+    with torch.inference_mode():
+        prepared, sampler = env.pnd.PickAndDrawSampler.execute(env.model, env.clip, PROMPT, "dog", 0.3, False, None,
+                                                               template).args
+        noise = noise_object().generate_noise({"samples": latent})
+    run = lambda positive, negative=None: comfy_sample(prepared, noise, sampler, sigmas, positive,
+                                                       negative or env.encode(""), latent)
+    with torch.inference_mode():
+        plain = run(env.encode(PROMPT))
+        for region in (area("a red ball", 64, 64), area("a red ball", 128, 64), masked("a red ball", "mask bounds")):
+            regional = layout_term(env, env.encode(TEMPLATE) + region, sigmas, {"samples": latent})
+            assert all(torch.isfinite(m).all() for maps in regional.maps for m in maps.values())
+            out = run(env.encode(PROMPT) + region)
+            assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+        assert torch.equal(run(area(PROMPT, 256)), plain)
+        oversized = layout_term(env, area(TEMPLATE, 256), sigmas, {"samples": latent})
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(oversized.maps, template.maps) for k in a)
+        for twice in (env.encode(PROMPT) + env.encode(PROMPT), env.encode(PROMPT) + masked(PROMPT, "default")):
+            torch.testing.assert_close(run(twice), plain, atol=1e-3, rtol=0)
+        assert torch.isfinite(run(env.encode(PROMPT), area("", 128))).all()
+        with pytest.raises(ValueError, match="not the text of the positive CONDITIONING.*'mask bounds'"):
+            run(env.encode(PROMPT) + masked("a red ball", "default"))
+
+
 def test_the_guided_step_uses_the_models_data_sigma(env, monkeypatch):
     """On an EDM model with σ_d 0.5 (Playground v2.5's; ModelSamplingContinuousEDM 'edm') the guided step scales
     by √(σ_d²+σ²), the model's own input scale (guided_update's core tests check the formula)."""
