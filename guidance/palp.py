@@ -26,13 +26,6 @@ import torch
 import torch.nn.functional as F
 
 
-def vp_from_sigma(sigma) -> tuple[torch.Tensor, torch.Tensor]:
-    """(√ᾱ, √(1−ᾱ)) for ᾱ = 1/(1+σ²), the host's identity between σ and the VP schedule."""
-    sigma = torch.as_tensor(sigma)
-    scale = torch.rsqrt(1 + sigma**2)
-    return scale, sigma * scale
-
-
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, sigma) -> torch.Tensor:
     """Eq. 2, x̂_0 = (x_vp − √(1−ᾱ) ε) / √ᾱ, written in sigma-space as x̂_0 = x_t − σ ε.
 

@@ -433,7 +433,9 @@ class NullTextInvert(io.ComfyNode):
                 InversionType.Output(display_name="inversion", tooltip="Inverted latent, pivot trajectory, null "
                                                                        "embeddings, schedule, prompt and fingerprint."),
                 io.Latent.Output(display_name="reconstruction", tooltip="Sampling from the inverted latent at this CFG "
-                                                                       "with the null embeddings."),
+                                                                       "with the null embeddings (a noise mask of the "
+                                                                       "input LATENT rides along; the inversion itself "
+                                                                       "covers the whole image)."),
                 io.Image.Output(display_name="reconstruction_image", tooltip="The reconstruction decoded (None "
                                                                             "without a VAE)."),
                 io.Float.Output(display_name="error", tooltip="‖reconstruction − input‖ / ‖input‖ in latent space "
@@ -498,7 +500,8 @@ class NullTextInvert(io.ComfyNode):
             else:
                 log.info("saved the inversion to %s%s", path, "" if differences is None else
                          " (the same settings, model and reference as the file it replaces)")
-        latent_out = {"samples": reconstruction}
+        # as the host's samplers return a LATENT: the input's other keys (an inpainting noise_mask) carried over
+        latent_out = {**(latent or {}), "samples": reconstruction}
         if vae is None:
             return io.NodeOutput(inversion, latent_out, None, error)
         decoded = vae.decode(reconstruction)

@@ -10,13 +10,19 @@ from comfyui_personalize.guidance.palp import (
     predicted_x0,
     renoise,
     timestep_weight,
-    vp_from_sigma,
 )
 
 F64 = torch.float64
 SHAPE = (2, 2, 3, 3)  # [B, C, H, W]
 DIM, COND, RANK = 18, 4, 2
 ALPHA, BETA = 7.5, 1.0
+
+
+def vp_from_sigma(sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's VP schedule at σ, independently of guidance/palp.py: (√ᾱ, √(1−ᾱ)) for ᾱ = 1/(1+σ²)."""
+    sigma = torch.as_tensor(sigma)
+    scale = torch.rsqrt(1 + sigma**2)
+    return scale, sigma * scale
 
 
 class ToyEps(torch.nn.Module):

@@ -233,6 +233,18 @@ def test_ddim_inversion_holds_for_an_edm_model_with_another_sigma_data(mod, sd1,
     assert errors["edm"] < 1.5 * errors["v_prediction"]
 
 
+def test_the_reconstruction_latent_keeps_the_inputs_noise_mask(mod, sd1, reference):
+    """As the host's samplers return a LATENT: an inpainting latent's noise_mask rides on the reconstruction (it was
+    dropped, and a sampler downstream repainted the whole image)."""
+    model, clip, vae = sd1
+    with torch.inference_mode():
+        samples = vae.encode(reference)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1.0
+    out = invert(mod, model, clip, latent={"samples": samples, "noise_mask": mask}, mode="ddim", steps=4)[1]
+    assert out["noise_mask"] is mask and out["samples"].shape == samples.shape
+
+
 def test_sdxl_inverts_too(host, mod, reference):
     """SDXL (two text towers, pooled and size conditioning) goes through the same path."""
     import tiny_models
