@@ -76,6 +76,18 @@ def _refusal(where: str, reason: str) -> ValueError:
         "CLIPTextEncodeSDXL, give text_g and text_l both this text.")
 
 
+def scheduled_encodings(clip, text: str) -> list:
+    """The text embeddings ``text`` may be encoded to with ``clip``: one, or one per keyframe of a CLIP whose hooks
+    are scheduled (SetClipHooks' schedule_clip: CLIPTextEncode gives an entry per keyframe)."""
+    return [cond for cond, _ in clip.encode_from_tokens_scheduled(clip.tokenize(text), show_pbar=False)]
+
+
+def _unmatched(expected: list, encoded: torch.Tensor) -> str | None:
+    """Why ``encoded`` is none of the ``expected`` encodings (the first's reason), or None when it is one."""
+    reasons = [_mismatch(candidate, encoded) for candidate in expected]
+    return None if not all(reasons) else reasons[0]
+
+
 def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
     """Refuse when ``conditioning`` is not ``prompt`` encoded by ``clip`` (every entry, every batch item).
 
@@ -83,10 +95,9 @@ def require_encoded(clip, prompt: str, conditioning, where: str) -> None:
     fresh encoding of the string, compared with the conditioning's tensors, tells whether the two are
     the same text (issue 9 §2).
     """
-    expected, _ = encode_text(clip, prompt)
+    expected = scheduled_encodings(clip, prompt)
     for entry in conditioning:
-        reason = _mismatch(expected, entry[0])
-        if reason:
+        if reason := _unmatched(expected, entry[0]):
             raise _refusal(where, reason)
 
 
@@ -106,8 +117,10 @@ def crops(entry: dict, size) -> bool:
 def prompt_entries(guider, size) -> list:
     """A guider's processed positive entries that run the prompt over the whole latent of ``size``: not those run on a
     crop (:func:`crops`: Conditioning Set Area, a mask's bounds), nor the copy of a negative's area entry the host
-    adds to the positive (``create_cond_with_same_area_if_none``: the negative's text, a tensor of no positive
-    CONDITIONING the guider was given; the positive's own area entry has its copy in the negative too)."""
+    adds to the positive (``create_cond_with_same_area_if_none``: its cross_attn is the negative's text, a tensor of
+    no positive CONDITIONING the guider was given; the positive's own area entry has its copy in the negative too).
+    Not excluded from the template: AttentionCapture records such a copy's whole-latent pass (a negative's area
+    covering the latent) with the positive's."""
     own = {id(entry.get("cross_attn")) for entry in getattr(guider, "original_conds", {}).get("positive", [])}
     return [entry for entry in getattr(guider, "conds", {}).get("positive", []) if not crops(entry, size)
             and not (own and "area" in entry and id(entry.get("cross_attn")) not in own)]
@@ -123,15 +136,16 @@ def check_sampler_prompt(model, clip, prompt: str, where: str):
     :func:`prompt_entries` are checked: a regional prompt (an area, a mask's bounds) runs on a crop, neither
     recorded nor guided.
     """
-    expected, _ = encode_text(clip, prompt)
+    expected = scheduled_encodings(clip, prompt)
     verified = []            # weak references to the positive cond tensors of the run in progress, once they passed
 
     def wrapper(executor, x, *args, **kwargs):
         conds = [c["cross_attn"] for c in prompt_entries(executor.class_obj, x.shape) if "cross_attn" in c]
         if len(conds) != len(verified) or any(ref() is not c for ref, c in zip(verified, conds)):
+            several = len(getattr(executor.class_obj, "conds", {}).get("positive", [])) > 1
             for cond in conds:
-                if reason := _mismatch(expected, cond):
-                    raise _refusal(where, reason + REGIONAL)
+                if reason := _unmatched(expected, cond):
+                    raise _refusal(where, reason + (REGIONAL if several else ""))
             verified[:] = [weakref.ref(c) for c in conds]
         return executor(x, *args, **kwargs)
 

@@ -125,3 +125,27 @@ def test_an_sdxl_encoding_with_another_text_l_is_refused_saying_so(env):
     assert store.run_for(sample_xl(encode(PROMPT, PROMPT))).steps == [0, 1]
     with pytest.raises(ValueError, match=f"{REFUSED} .*With CLIPTextEncodeSDXL, give text_g and text_l both this text"):
         sample_xl(encode(PROMPT, "a photo"))
+
+
+def test_a_clip_with_scheduled_hooks_is_its_prompt_at_every_keyframe(env, pack):
+    """SetClipHooks with schedule_clip encodes the prompt once per hook keyframe (a CLIP LoRA fading out): every
+    entry is the prompt, accepted by the capture's check and MultiSourceAttnSwap's (the second keyframe's entry
+    was refused as another text); another text through the same CLIP is still refused."""
+    import comfy.hooks
+    from comfy_extras.nodes_hooks import CreateHookKeyframe, SetClipHooks, SetHookKeyframes
+    _, other_clip, _ = env.tiny.tiny_sd1(seed=1)
+    hooks = comfy.hooks.create_hook_model_as_lora(None, comfy.hooks.get_patch_weights_from_model(other_clip.patcher),
+                                                  0.0, 1.0)
+    fading = CreateHookKeyframe().create_hook_keyframe(1.0, 0.0)[0]
+    fading = CreateHookKeyframe().create_hook_keyframe(0.0, 0.5, fading)[0]
+    hooks = SetHookKeyframes().set_hook_keyframes(hooks, fading)[0]
+    clip = SetClipHooks().apply_hooks(env.clip, schedule_clip=True, apply_to_conds=False, hooks=hooks)[0]
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+        captured, store = env.cap.AttentionCapture.execute(env.model, clip, PROMPT, "dog", "cross", "all", "").args
+    assert len(positive) == 2 and not torch.equal(positive[0][0], positive[1][0])
+    out = sample(env, captured, positive)
+    assert store.run_for(out).steps == [0, 1]
+    pack("nodes.host").require_encoded(clip, PROMPT, positive, "Multi-Source Attention Swap")
+    with pytest.raises(ValueError, match=REFUSED), torch.inference_mode():
+        sample(env, captured, clip.encode_from_tokens_scheduled(clip.tokenize(SAME_LENGTH)))
