@@ -91,6 +91,7 @@ class Run:
     maps: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
     output: torch.Tensor | None = None
+    off_schedule: int = 0       # the sampler's passes at a σ of no step (an adaptive sampler's own steps)
 
     def step_of(self, sigma: float) -> int | None:
         for i, s in enumerate(self.sigmas[:-1]):
@@ -150,6 +151,7 @@ class AttentionStore:
         self._latent_size = None if latent_size is None else tuple(latent_size)
         self._sigma_cache = (None, None)
         self._filed = {}
+        self._off_pass = None         # the last pass counted in the run's ``off_schedule``
 
     def begin_pass(self):
         """One of the sampler's own CFG predictions starts: what it files at a step replaces what an earlier pass
@@ -163,16 +165,18 @@ class AttentionStore:
 
     def _averaged(self, run: Run) -> Run:
         mean = lambda table: {k: torch.stack(c).mean(0).to(self.offload_device, self.dtype) for k, c in table.items()}
-        return Run(run.sigmas, mean(run.maps), mean(run.features))
+        return Run(run.sigmas, mean(run.maps), mean(run.features), off_schedule=run.off_schedule)
 
     def snapshot(self) -> Run:
         """The run in progress, averaged so far: for a loop that needs its own maps before it ends (L&R's M^c)."""
         return self._averaged(self._run)
 
-    def end_run(self, output: torch.Tensor):
+    def end_run(self, output: torch.Tensor) -> list[int]:
+        """File the run; the steps it was to record but has no pass of, where the sampler evaluated the model off
+        the schedule instead (dpm_adaptive, dpm_fast: they choose their own σ's), else []."""
         run, self._run = self._run, None
         if run is None:
-            return
+            return []
         run = self._averaged(run)
         run.output = output.detach().float().to(self.offload_device)
         self.runs.append(run)
@@ -181,6 +185,8 @@ class AttentionStore:
             dropped = self.runs.pop(0)
             kept -= _size(dropped)
             self._dropped.append(_signature(dropped.output))
+        wanted = [i for i in range(len(run.sigmas) - 1) if self.steps(i, len(run.sigmas) - 1)]
+        return [i for i in wanted if i not in run.steps] if run.off_schedule else []
 
     @contextlib.contextmanager
     def live(self):
@@ -212,7 +218,11 @@ class AttentionStore:
         if self._latent_size is not None and tuple(extra_options.get("original_shape", ())[-2:]) != self._latent_size:
             return False        # an area cond's pass, on a crop of the latent
         step = self._step(extra_options["sigmas"])
-        return step is not None and self.steps(step, len(self._run.sigmas) - 1)
+        if step is None:
+            if self._off_pass != self._pass:
+                self._off_pass, self._run.off_schedule = self._pass, self._run.off_schedule + 1
+            return False
+        return self.steps(step, len(self._run.sigmas) - 1)
 
     def columns(self, context_len: int, device) -> list[torch.Tensor]:
         """Each word's token columns in a context of ``context_len`` tokens, as index tensors on ``device``.

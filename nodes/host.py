@@ -1,6 +1,7 @@
 """Adapters between the host's objects (MODEL, CLIP, sampler wrappers) and the plain-torch core."""
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -19,6 +20,7 @@ SAMPLER_CHECK_KEY = f"{WRAPPER_KEY}_pnd"   # the Pick-and-Draw MODEL's check for
 PIXELS_PER_LATENT = 8   # the SD1.x / SD2.x / SDXL VAEs
 UNTUNED = " Untuned starting point: no paper gives a value."
 TOY_TUNED = " Tuned on the toy world (bench/FIDELITY.md); an untested starting point on real models."
+log = logging.getLogger(__name__)
 
 
 def unet_layers(model) -> list[AttnLayer]:
@@ -234,7 +236,11 @@ def _run_wrapper(store: AttentionStore):
         except BaseException:
             store.abort_run()
             raise
-        store.end_run(output)
+        if missed := store.end_run(output):
+            log.warning("Attention capture: the sampler evaluated the model at its own σ's, not the schedule's (an "
+                        "adaptive sampler such as dpm_adaptive or dpm_fast), so %d of the steps asked for have no maps "
+                        "(steps %s). Use a fixed-step sampler (euler, dpmpp_2m, ...) to record every step.",
+                        len(missed), ", ".join(map(str, missed[:8])) + (", ..." if len(missed) > 8 else ""))
         return output
     return wrapper
 

@@ -195,3 +195,23 @@ def test_the_packs_own_loops_on_a_captured_model_record_nothing(env, pack):
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*palettes) for k in a)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*templates) for k in a)
     assert store.runs == [], "nothing recorded into the user's capture"
+
+
+@pytest.mark.parametrize("sampler_name, missed", [("euler", False), ("dpm_2", False), ("dpm_adaptive", True)])
+def test_an_adaptive_samplers_unrecorded_steps_are_named(env, caplog, sampler_name, missed):
+    """dpm_adaptive evaluates the model at σ's of its own choosing: of the schedule's steps only the first has a pass,
+    which is all Attention Maps could show, without a word before; a warning now names the steps without maps.
+    dpm_2's midpoints are off the schedule too, but every step has its own pass (no warning)."""
+    import comfy.samplers
+    capture_nodes, _, model, clip = env
+    captured, store = capture(capture_nodes, model, clip)
+    sigmas = schedule(model)
+    with caplog.at_level("WARNING"):
+        out = sample(captured, clip, comfy.samplers.sampler_object(sampler_name), sigmas)
+    warned = [r.getMessage() for r in caplog.records if "no maps" in r.getMessage()]
+    recorded = store.run_for(out).steps
+    assert (recorded != list(range(STEPS))) == missed
+    assert bool(warned) == missed
+    if missed:
+        absent = [i for i in range(STEPS) if i not in recorded]
+        assert f"{len(absent)} of the steps asked for have no maps (steps {', '.join(map(str, absent))})" in warned[0]
